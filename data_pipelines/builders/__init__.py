@@ -1,0 +1,1 @@
+"""One TFDS builder per data set, each in its own package folder."""

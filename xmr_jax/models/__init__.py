@@ -1,0 +1,1 @@
+"""Flax linen modules: CLIP towers, IRRA and TGDT heads."""
