@@ -1,0 +1,123 @@
+"""Shared config pieces and the big_vision-style `file.py:key=value,key2=value2` argument parser."""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses `key=value,key2=value2` (the part after ':' in --config=file.py:...) over defaults.
+
+    Values are converted to the type of the default (bool accepts true/false/1/0; tuples accept
+    `384x128` or `384/128`); a bare `key` sets a bool default to True. Unknown keys raise a
+    ValueError naming the key and the accepted ones.
+    """
+    result = ml_collections.ConfigDict(dict(defaults))
+    if not arg:
+        return result
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(
+                f"config argument {key!r} is not known; accepted: {', '.join(sorted(defaults))}"
+            )
+        default = defaults[key]
+        if not sep:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            result[key] = True
+            continue
+        result[key] = _convert(key, raw.strip(), default)
+    return result
+
+
+def _convert(key: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            lowered = raw.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return lowered in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, tuple):
+            parts = raw.replace("x", "/").split("/")
+            return tuple(type(default[0])(p) for p in parts)
+        if default is None:
+            try:
+                return ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                return raw
+        return raw
+    except ValueError as err:
+        raise ValueError(
+            f"config argument {key}={raw!r}: expected a value like {default!r}"
+        ) from err
+
+
+def mesh_config(strategy: str = "data") -> ml_collections.ConfigDict:
+    """Device mesh: `data` axis size (-1 = all devices), `fsdp` axis size, sharding strategy."""
+    return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "strategy": strategy})
+
+
+def trainer_defaults(config: ml_collections.ConfigDict) -> None:
+    """Fills the trainer keys every config shares (logging, checkpoints, precision, mesh)."""
+    config.log_every = 50
+    config.ckpt_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.async_checkpoints = True
+    config.eval_every_epochs = 0  # 0 = evaluate only after training
+    config.eval_batch_size = 256
+    config.precision = "bfloat16"
+    config.mesh = mesh_config()
+    config.profile_steps = ()  # e.g. (10, 20): jax.profiler trace from step 10 to 20
+    config.profile_dir = ""  # default: WORKDIR/profile
+    config.progress_bar = True
+
+
+def irra_config(dataset: str, num_classes: int, arg: str | None) -> ml_collections.ConfigDict:
+    """IRRA's published recipe (SPEC section 4) on a person-retrieval data set.
+
+    `arg` keys: init (OpenAI CLIP checkpoint path), data_dir, manual_dir, batch_size, epochs, seed,
+    loss_names, precision.
+    """
+    from xmr_jax import optim
+
+    arg = parse_arg(arg, init="checkpoints/ViT-B-16.pt", data_dir="", manual_dir="", batch_size=64,
+                    epochs=60, seed=1, loss_names="sdm+id+mlm", precision="bfloat16")
+    config = ml_collections.ConfigDict()
+    config.seed = arg.seed
+    config.model_family = "irra"
+    config.loss_names = arg.loss_names
+    config.num_classes = num_classes  # training identities; 0 = take it from the data set
+
+    config.model = ml_collections.ConfigDict()
+    config.model.clip = ml_collections.ConfigDict({"preset": "ViT-B/16", "image_size": (384, 128)})
+    config.model.init_checkpoint = arg.init  # OpenAI ViT-B/16 (positional embedding resized to 24x8)
+    config.model.cross_depth = 4
+    config.model.cross_heads = 8
+    config.model.mlm_max_predictions = None  # exact: MLM logits at every position
+    config.model.logit_scale = 50.0
+
+    config.data = ml_collections.ConfigDict({
+        "name": dataset, "config_name": "", "data_dir": arg.data_dir, "manual_dir": arg.manual_dir,
+        "image_size": (384, 128), "augment": True, "flip": True, "mlm_prob": 0.15,
+        "train_split": "train", "eval_split": "test", "shuffle_buffer": 50_000,
+    })
+    config.batch_size = arg.batch_size
+    config.num_epochs = ml_collections.FieldReference(arg.epochs)
+    config.optim = optim.default_irra_optim_config()
+    config.optim.num_epochs = config.get_ref("num_epochs")
+    trainer_defaults(config)
+    config.precision = arg.precision
+    config.eval_every_epochs = 1
+    return config

@@ -1,0 +1,13 @@
+r"""IRRA on cuhk_pedes (SPEC section 4): CLIP ViT-B/16 at 384x128, sdm+id+mlm, 60 epochs, batch 64.
+
+  python -m xmr_jax.main --config=configs/irra/cuhk_pedes.py:init=/path/ViT-B-16.pt,data_dir=/data/tfds \
+      --workdir=/runs/irra_cuhk_pedes
+
+Needs the cuhk_pedes TFDS data set (see README: Real data sets) and an OpenAI CLIP ViT-B/16 checkpoint.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    return common.irra_config("cuhk_pedes", num_classes=11003, arg=arg)

@@ -1,0 +1,5 @@
+"""RSTPReid TFDS builder."""
+
+from data_pipelines.builders.rstpreid.rstpreid import Rstpreid
+
+__all__ = ["Rstpreid"]

@@ -1,0 +1,162 @@
+"""tf.data image and text ops: decode, IRRA train/test transforms, MLM masking.
+
+All randomness is stateless: every random op takes a `seed` int32/int64 [2] tensor, so a sample's
+augmentation depends only on (base seed, its position in the stream), never on thread scheduling.
+
+IRRA train transform (SPEC 4), on one image:
+  resize to (H, W) bilinear (tf.image.resize, antialias=False, half-pixel centres; values stay float,
+  not rounded to uint8 as PIL would) -> horizontal flip p=0.5 -> zero-pad 10 px each side -> random
+  HxW crop (offsets uniform in 0..20) -> /255 -> (x - CLIP_MEAN) / CLIP_STD -> random erasing
+  (p=0.5, area 2%-40%, log-uniform aspect 0.3-3.3, up to 10 attempts, torchvision's rules; fill =
+  CLIP_MEAN per channel, in normalized space as IRRA does).
+Test transform: resize -> /255 -> normalize.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+try:  # the accelerators belong to JAX
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # already initialized or no GPU support: nothing to hide
+    pass
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PAD = 10
+ERASE_PROB = 0.5
+ERASE_SCALE = (0.02, 0.4)
+ERASE_RATIO = (0.3, 3.3)
+ERASE_ATTEMPTS = 10
+
+# Number of independent stateless seeds one training sample uses (see train_sample_seeds).
+_NUM_SAMPLE_SEEDS = 5
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    """Encoded PNG/JPEG bytes (scalar string) -> uint8 [H, W, 3]."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize(image: tf.Tensor, size: tuple[int, int], antialias: bool = False) -> tf.Tensor:
+    """Bilinear resize to size=(H, W); uint8 or float [h, w, 3] -> float32 [H, W, 3] in pixel units."""
+    out = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=antialias)
+    return tf.ensure_shape(out, [size[0], size[1], 3])
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """float [..., 3] in 0..255 -> (x / 255 - CLIP_MEAN) / CLIP_STD."""
+    mean = tf.constant(CLIP_MEAN, tf.float32)
+    std = tf.constant(CLIP_STD, tf.float32)
+    return (tf.cast(image, tf.float32) / 255.0 - mean) / std
+
+
+def pad_and_crop(image: tf.Tensor, offset_y, offset_x, pad: int = PAD) -> tf.Tensor:
+    """Zero-pads `pad` px on every side and crops the original size at (offset_y, offset_x) of the padded image."""
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    return tf.slice(padded, tf.stack([offset_y, offset_x, 0]), tf.stack([height, width, 3]))
+
+
+def random_pad_crop(image: tf.Tensor, seed: tf.Tensor, pad: int = PAD) -> tf.Tensor:
+    """torchvision Pad(pad) + RandomCrop(original size): offsets uniform in [0, 2*pad]."""
+    offsets = tf.random.stateless_uniform([2], seed, minval=0, maxval=2 * pad + 1, dtype=tf.int32)
+    out = pad_and_crop(image, offsets[0], offsets[1], pad)
+    return tf.ensure_shape(out, image.shape)
+
+
+def erasing_box(height, width, uniforms: tf.Tensor, scale=ERASE_SCALE, ratio=ERASE_RATIO):
+    """torchvision RandomErasing's box from given draws.
+
+    Args:
+      height, width: image size (int or scalar int32 tensors).
+      uniforms: float32 [attempts, 4] uniform [0, 1) draws; per attempt (area fraction, log aspect,
+        top, left), as in torchvision's loop.
+    Returns:
+      (found bool, top, left, h, w) int32 scalars: the first attempt whose box fits
+      (h < height and w < width); found=False (erase nothing) when none fits.
+    """
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    area = tf.cast(height * width, tf.float32)
+    frac = scale[0] + uniforms[:, 0] * (scale[1] - scale[0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = tf.exp(log_lo + uniforms[:, 1] * (log_hi - log_lo))
+    # Python's round() (used by torchvision) and tf.round both round half to even.
+    h = tf.cast(tf.round(tf.sqrt(area * frac * aspect)), tf.int32)
+    w = tf.cast(tf.round(tf.sqrt(area * frac / aspect)), tf.int32)
+    fits = (h < height) & (w < width)
+    k = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # first fitting attempt
+    found = tf.reduce_any(fits)
+    h_k, w_k = h[k], w[k]
+    top = tf.cast(tf.floor(uniforms[k, 2] * tf.cast(height - h_k + 1, tf.float32)), tf.int32)
+    left = tf.cast(tf.floor(uniforms[k, 3] * tf.cast(width - w_k + 1, tf.float32)), tf.int32)
+    return found, top, left, h_k, w_k
+
+
+def erase(image: tf.Tensor, top, left, h, w, value=CLIP_MEAN) -> tf.Tensor:
+    """Sets image[top:top+h, left:left+w, c] = value[c] for float [H, W, 3]."""
+    rows = tf.range(tf.shape(image)[0])
+    cols = tf.range(tf.shape(image)[1])
+    inside = ((rows >= top) & (rows < top + h))[:, None] & ((cols >= left) & (cols < left + w))[None, :]
+    fill = tf.broadcast_to(tf.constant(value, image.dtype), tf.shape(image))
+    return tf.where(inside[:, :, None], fill, image)
+
+
+def random_erase(image: tf.Tensor, seed: tf.Tensor, prob: float = ERASE_PROB, scale=ERASE_SCALE,
+                 ratio=ERASE_RATIO, attempts: int = ERASE_ATTEMPTS, value=CLIP_MEAN) -> tf.Tensor:
+    """torchvision RandomErasing(p=prob, scale, ratio, value=value) on a normalized float [H, W, 3] image."""
+    draws = tf.random.stateless_uniform([attempts * 4 + 1], seed, dtype=tf.float32)
+    apply = draws[0] < prob
+    found, top, left, h, w = erasing_box(tf.shape(image)[0], tf.shape(image)[1],
+                                         tf.reshape(draws[1:], [attempts, 4]), scale, ratio)
+    erased = erase(image, top, left, h, w, value)
+    return tf.where(apply & found, erased, image)
+
+
+def sample_seeds(base_seed: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
+    """int64 [_NUM_SAMPLE_SEEDS, 2] seeds for the sample at `position` of a stream seeded by base_seed [2]."""
+    seed = tf.random.experimental.stateless_fold_in(tf.cast(base_seed, tf.int64), tf.cast(position, tf.int64))
+    return tf.random.experimental.stateless_split(seed, num=_NUM_SAMPLE_SEEDS)
+
+
+def train_image(encoded: tf.Tensor, size: tuple[int, int], seeds: tf.Tensor, augment: bool = True) -> tf.Tensor:
+    """IRRA train transform: encoded bytes -> normalized float32 [H, W, 3]; seeds: [>=3, 2]."""
+    image = resize(decode_image(encoded), size)
+    if not augment:
+        return normalize(image)
+    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+    image = random_pad_crop(image, seeds[1])
+    return random_erase(normalize(image), seeds[2])
+
+
+def eval_image(encoded: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """Test transform: encoded bytes -> resize -> normalize, float32 [H, W, 3]."""
+    return normalize(resize(decode_image(encoded), size))
+
+
+def mlm_mask(token_ids: tf.Tensor, seed: tf.Tensor, mask_prob: float = 0.15):
+    """IRRA MLM corruption (xmr_jax.tokenizer.apply_mlm_rule) with stateless draws.
+
+    token_ids: int32 [L] (or [..., L]); seed: [2]. Returns (masked_ids, labels) int32, same shape.
+    """
+    import tensorflow.experimental.numpy as tnp
+
+    from xmr_jax.tokenizer import MASK_ID, apply_mlm_rule
+
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
+    shape = tf.shape(token_ids)
+    ids = tf.cast(token_ids, tf.int32)
+    u_select = tf.random.stateless_uniform(shape, seeds[0], dtype=tf.float32)
+    u_action = tf.random.stateless_uniform(shape, seeds[1], dtype=tf.float32)
+    random_ids = tf.random.stateless_uniform(shape, seeds[2], minval=1, maxval=MASK_ID, dtype=tf.int32)
+    masked, labels = apply_mlm_rule(ids, u_select, u_action, random_ids, mask_prob=mask_prob,
+                                    mask_id=MASK_ID, vocab_limit=MASK_ID, xp=tnp)
+    return tf.cast(masked, tf.int32), tf.cast(labels, tf.int32)

@@ -1,0 +1,77 @@
+"""TGDT on CLIP-style towers: normalized global features + token features, CMC training (SPEC 6).
+
+The towers are the plain CLIP dual encoder (`base_model`); TGDT adds no parameters. What makes it
+TGDT is the objective (consistent multimodal contrastive loss on global and token-level
+similarity) and the two-stage inference in `xmr_jax.retrieval`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xmr_jax import losses, similarity
+from xmr_jax.models.clip import CLIP, clip_from_config
+
+KNOWN_LOSSES = ("cmc",)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class TGDT(nn.Module):
+    """Dual encoder whose outputs feed global and local (token-level) similarity."""
+
+    base_model: CLIP
+
+    def encode_image(self, images: jax.Array):
+        """images [B,H,W,3] -> (global [B,D], tokens [B,L,D], mask [B,L])."""
+        return self.base_model.encode_image(images)
+
+    def encode_text(self, token_ids: jax.Array):
+        """token_ids int [B,T] -> (global [B,D], tokens [B,T,D], mask [B,T])."""
+        return self.base_model.encode_text(token_ids)
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """batch: images [B,H,W,3], text_ids [B,T] -> normalized globals [B,D], tokens and masks."""
+        image_global, image_tokens, image_mask = self.base_model.encode_image(batch["images"])
+        text_global, text_tokens, text_mask = self.base_model.encode_text(batch["text_ids"])
+        return {
+            "image_global": l2_normalize(image_global),
+            "text_global": l2_normalize(text_global),
+            "image_tokens": image_tokens,
+            "image_mask": image_mask,
+            "text_tokens": text_tokens,
+            "text_mask": text_mask,
+        }
+
+
+def compute_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], config) -> tuple[jax.Array, dict]:
+    """CMC on global + local similarity; pairs sharing `config.tgdt.positives` are never negatives."""
+    tcfg = config.tgdt
+    local = similarity.local_similarity(
+        outputs["image_tokens"], outputs["image_mask"], outputs["text_tokens"], outputs["text_mask"],
+        scale=tcfg.local_scale,
+    )
+    ids = batch["pids"] if tcfg.positives == "pid" else batch["image_ids"]
+    loss = losses.cmc_loss(
+        outputs["image_global"], outputs["text_global"], local,
+        margin=tcfg.margin, slack=tcfg.slack, positive_mask=ids[:, None] == ids[None, :],
+    )
+    return loss, {"cmc_loss": loss}
+
+
+def build_tgdt(config) -> TGDT:
+    names = tuple(n for n in config.loss_names.split("+") if n)
+    if names != KNOWN_LOSSES:
+        raise ValueError(f"config.loss_names={config.loss_names!r}: the tgdt family trains with 'cmc' only")
+    if config.tgdt.positives not in ("image_id", "pid"):
+        raise ValueError(f"config.tgdt.positives={config.tgdt.positives!r}: expected 'image_id' or 'pid'")
+    clip_cfg = dict(config.model.clip)
+    clip_cfg["dtype"] = config.precision
+    return TGDT(base_model=clip_from_config(clip_cfg))

@@ -1,0 +1,223 @@
+"""Global (cosine) and local (token-level, TGDT) similarities, batched and tiled on device.
+
+Local similarity ("max over image tokens, sum over words"), for one image i and one text t:
+
+    A       = R_i @ W_t.T                      [L_img, L_txt] cosines of L2-normalized tokens
+    s_l     = scale * sum_{valid words w} max_{valid image tokens r} A[r, w]
+
+A masked image token never wins the max (it is excluded before the max, so it cannot win even
+when every valid cosine is negative); a masked word adds 0; there is no length normalization.
+An image with no valid token at all contributes 0 for every word.
+
+Everything here is a pure jnp function, jit-compatible, with float32 results. Token matmuls run in
+the compute dtype (the token dtype by default, e.g. bfloat16) and accumulate in float32. Float32
+matmuls use ``Precision.HIGHEST`` unless told otherwise, so TPU/GPU results match CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+# Memory bound for one tile of the [image_block, text_block, L_img, L_txt] cosine tensor.
+DEFAULT_TILE_BYTES = 128 * 2**20
+_NEG = float(jnp.finfo(jnp.float32).min)  # "never wins the max" (finite: no inf arithmetic)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """L2-normalizes ``x`` along ``axis`` in float32 (zero vectors stay zero)."""
+    x = jnp.asarray(x, jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
+
+
+def _compute_dtype(compute_dtype, *arrays) -> jnp.dtype:
+    if compute_dtype is not None:
+        return jnp.dtype(compute_dtype)
+    dtype = jnp.result_type(*[a.dtype for a in arrays])
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
+
+
+def _precision(precision, dtype):
+    if precision is not None:
+        return precision
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _normalize_tokens(tokens: jax.Array, dtype) -> jax.Array:
+    return l2_normalize(tokens).astype(dtype)
+
+
+def _check_tokens(tokens, mask, name: str, batch_dims: int = 1) -> None:
+    ndim = batch_dims + 2
+    if tokens.ndim != ndim:
+        raise ValueError(
+            f"{name}_tokens must have {ndim} dims [{'N,' * batch_dims}L,D]; got shape {tokens.shape}")
+    if tuple(mask.shape) != tuple(tokens.shape[:-1]):
+        raise ValueError(
+            f"{name}_mask must have shape {tuple(tokens.shape[:-1])} (= {name}_tokens without D); "
+            f"got {tuple(mask.shape)}")
+
+
+def token_scores(cosines: jax.Array, image_valid: jax.Array, text_valid: jax.Array,
+                 scale) -> jax.Array:
+    """Reduces cosines [..., L_img, L_txt] to [...] scores: max over valid image tokens, sum over
+    valid words, times ``scale``. ``image_valid`` [..., L_img] / ``text_valid`` [..., L_txt] bool
+    (broadcastable against the leading dims of ``cosines``)."""
+    image_valid = jnp.asarray(image_valid, bool)
+    text_valid = jnp.asarray(text_valid, bool)
+    cosines = jnp.where(image_valid[..., :, None], cosines.astype(jnp.float32), _NEG)
+    best = jnp.max(cosines, axis=-2)                                   # [..., L_txt]
+    any_image = jnp.any(image_valid, axis=-1, keepdims=True)          # [..., 1]
+    best = jnp.where(text_valid & any_image, best, 0.0)
+    return scale * jnp.sum(best, axis=-1)
+
+
+def global_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Cosine similarity of a [Na, D] and b [Nb, D] (unnormalized) -> float32 [Na, Nb]."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"global_similarity expects a [Na,D] and b [Nb,D] with equal D; "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    return jnp.matmul(l2_normalize(a), l2_normalize(b).T, precision=jax.lax.Precision.HIGHEST)
+
+
+def auto_blocks(n_img: int, n_txt: int, l_img: int, l_txt: int,
+                tile_bytes: int = DEFAULT_TILE_BYTES) -> tuple[int, int]:
+    """Image/text block sizes so one float32 [bi, bt, L_img, L_txt] tile stays under
+    ``tile_bytes`` (counting two live copies: the cosines and their masked version)."""
+    pairs = max(1, tile_bytes // (2 * 4 * max(1, l_img) * max(1, l_txt)))
+    bi = max(1, min(n_img, math.isqrt(pairs)))
+    bt = max(1, min(n_txt, pairs // bi))
+    if bt == n_txt:  # texts fit in one block: give the spare budget to images
+        bi = max(1, min(n_img, pairs // max(1, n_txt)))
+    return bi, bt
+
+
+def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
+    pad = (-x.shape[0]) % multiple
+    if pad == 0:
+        return x
+    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("image_block", "text_block", "dtype", "precision"))
+def _local_tiled(image_tokens, image_mask, text_tokens, text_mask, scale, *, image_block,
+                 text_block, dtype, precision):
+    n_img, n_txt = image_tokens.shape[0], text_tokens.shape[0]
+    # Normalize once; padded rows have mask False and are sliced off at the end.
+    img = _pad_rows(_normalize_tokens(image_tokens, dtype), image_block)
+    imk = _pad_rows(image_mask.astype(bool), image_block)
+    txt = _pad_rows(_normalize_tokens(text_tokens, dtype), text_block)
+    txk = _pad_rows(text_mask.astype(bool), text_block)
+    img = img.reshape(-1, image_block, *img.shape[1:])
+    imk = imk.reshape(-1, image_block, imk.shape[-1])
+    txt = txt.reshape(-1, text_block, *txt.shape[1:])
+    txk = txk.reshape(-1, text_block, txk.shape[-1])
+
+    def image_step(image_args):
+        ib, ibm = image_args                                   # [bi, Li, D], [bi, Li]
+
+        def text_step(text_args):
+            tb, tbm = text_args                                # [bt, Lt, D], [bt, Lt]
+            cos = jnp.einsum("ild,tjd->itlj", ib, tb, precision=precision,
+                             preferred_element_type=jnp.float32)
+            return token_scores(cos, ibm[:, None, :], tbm[None, :, :], scale)   # [bi, bt]
+
+        out = jax.lax.map(text_step, (txt, txk))              # [nbt, bi, bt]
+        return jnp.swapaxes(out, 0, 1).reshape(ib.shape[0], -1)
+
+    out = jax.lax.map(image_step, (img, imk))                 # [nbi, bi, Nt_pad]
+    return out.reshape(-1, out.shape[-1])[:n_img, :n_txt]
+
+
+def local_similarity(image_tokens: jax.Array, image_mask: jax.Array, text_tokens: jax.Array,
+                     text_mask: jax.Array, scale: float = 10.0,
+                     image_block: Optional[int] = None, text_block: Optional[int] = None,
+                     compute_dtype=None, precision=None,
+                     tile_bytes: int = DEFAULT_TILE_BYTES) -> jax.Array:
+    """All-pairs local similarity -> float32 [N_img, N_txt].
+
+    Args:
+      image_tokens: [N_img, L_img, D] image tokens (unnormalized; e.g. CLS + patches).
+      image_mask: [N_img, L_img] bool, True for tokens that take part (patches, not CLS).
+      text_tokens: [N_txt, L_txt, D] text tokens (unnormalized).
+      text_mask: [N_txt, L_txt] bool, True for words (not SOT/EOT/padding).
+      scale: multiplier of the summed maxima (TGDT: 10).
+      image_block, text_block: tile sizes (None: chosen so a tile stays under ``tile_bytes``).
+        The [N_img, N_txt, L_img, L_txt] tensor is never materialized; tiles run sequentially.
+      compute_dtype: dtype of the token matmul (default: the tokens' dtype); accumulation float32.
+      precision: matmul precision (default HIGHEST for float32 compute).
+    """
+    image_tokens, text_tokens = jnp.asarray(image_tokens), jnp.asarray(text_tokens)
+    image_mask, text_mask = jnp.asarray(image_mask), jnp.asarray(text_mask)
+    _check_tokens(image_tokens, image_mask, "image")
+    _check_tokens(text_tokens, text_mask, "text")
+    if image_tokens.shape[-1] != text_tokens.shape[-1]:
+        raise ValueError(f"image_tokens and text_tokens must share the feature dim D; got "
+                         f"{image_tokens.shape[-1]} and {text_tokens.shape[-1]}")
+    n_img, l_img = image_tokens.shape[:2]
+    n_txt, l_txt = text_tokens.shape[:2]
+    auto_bi, auto_bt = auto_blocks(n_img, n_txt, l_img, l_txt, tile_bytes)
+    bi = auto_bi if image_block is None else int(image_block)
+    bt = auto_bt if text_block is None else int(text_block)
+    if bi < 1 or bt < 1:
+        raise ValueError(f"image_block and text_block must be >= 1; got {bi}, {bt}")
+    bi, bt = min(bi, max(n_img, 1)), min(bt, max(n_txt, 1))
+    if n_img == 0 or n_txt == 0:
+        return jnp.zeros((n_img, n_txt), jnp.float32)
+    dtype = _compute_dtype(compute_dtype, image_tokens, text_tokens)
+    return _local_tiled(image_tokens, image_mask, text_tokens, text_mask,
+                        jnp.asarray(scale, jnp.float32), image_block=bi, text_block=bt,
+                        dtype=dtype, precision=_precision(precision, dtype))
+
+
+def local_similarity_pairs(image_tokens: jax.Array, image_mask: jax.Array,
+                           text_tokens: jax.Array, text_mask: jax.Array, scale: float = 10.0,
+                           compute_dtype=None, precision=None) -> jax.Array:
+    """Local similarity of aligned pairs: image_tokens [K, L_img, D] with text_tokens
+    [K, L_txt, D] (masks [K, L_img] / [K, L_txt] bool) -> float32 [K]."""
+    _check_tokens(image_tokens, image_mask, "image")
+    _check_tokens(text_tokens, text_mask, "text")
+    if image_tokens.shape[0] != text_tokens.shape[0]:
+        raise ValueError(f"local_similarity_pairs needs as many images as texts; got "
+                         f"{image_tokens.shape[0]} and {text_tokens.shape[0]}")
+    dtype = _compute_dtype(compute_dtype, image_tokens, text_tokens)
+    cos = jnp.einsum("kld,kjd->klj", _normalize_tokens(image_tokens, dtype),
+                     _normalize_tokens(text_tokens, dtype),
+                     precision=_precision(precision, dtype), preferred_element_type=jnp.float32)
+    return token_scores(cos, image_mask, text_mask, scale)
+
+
+def local_similarity_candidates(query_tokens: jax.Array, query_mask: jax.Array,
+                                candidate_tokens: jax.Array, candidate_mask: jax.Array,
+                                query_modality: str = "text", scale: float = 10.0,
+                                compute_dtype=None, precision=None) -> jax.Array:
+    """Each query against its own candidate set -> float32 [Q, K].
+
+    Args:
+      query_tokens: [Q, Lq, D], query_mask [Q, Lq] bool.
+      candidate_tokens: [Q, K, Lc, D] (candidates of each query), candidate_mask [Q, K, Lc].
+      query_modality: "text" (candidates are images: text->image) or "image" (candidates are
+        texts: image->text). The max always runs over IMAGE tokens, the sum over WORDS.
+    """
+    _check_tokens(query_tokens, query_mask, "query")
+    _check_tokens(candidate_tokens, candidate_mask, "candidate", batch_dims=2)
+    if candidate_tokens.shape[0] != query_tokens.shape[0]:
+        raise ValueError(f"candidate_tokens must have one candidate set per query (leading dim "
+                         f"{query_tokens.shape[0]}); got shape {tuple(candidate_tokens.shape)}")
+    if query_modality not in ("text", "image"):
+        raise ValueError(f"query_modality must be 'text' or 'image'; got {query_modality!r}")
+    dtype = _compute_dtype(compute_dtype, query_tokens, candidate_tokens)
+    prec = _precision(precision, dtype)
+    q = _normalize_tokens(query_tokens, dtype)
+    c = _normalize_tokens(candidate_tokens, dtype)
+    query_mask, candidate_mask = query_mask.astype(bool), candidate_mask.astype(bool)
+    if query_modality == "text":   # cosines [Q, K, L_img(cand), L_txt(query)]
+        cos = jnp.einsum("qkld,qjd->qklj", c, q, precision=prec,
+                         preferred_element_type=jnp.float32)
+        return token_scores(cos, candidate_mask, query_mask[:, None, :], scale)
+    cos = jnp.einsum("qld,qkjd->qklj", q, c, precision=prec, preferred_element_type=jnp.float32)
+    return token_scores(cos, query_mask[:, None, :], candidate_mask, scale)

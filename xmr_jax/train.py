@@ -1,0 +1,233 @@
+"""The trainer: one jitted, donated train step over a device mesh, and the loop around it.
+
+Loop: global batch -> `train_step` (compiled once) -> metrics kept on device and fetched every
+`log_every` steps (the only host sync in the loop) -> orbax checkpoints every `ckpt_every_steps`
+and on SIGTERM/SIGINT. A step whose loss is NaN/Inf does not change the state; the loop stops at
+the next log point with a message, and the last checkpoint on disk stays the last good one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from xmr_jax import checkpoints, optim, parallel
+from xmr_jax.logging_utils import MetricWriter, ProgressBar
+from xmr_jax.models.families import get_family
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step int32 [], params (float32 master weights), opt_state, nonfinite int32 [] (skipped steps)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    nonfinite: jax.Array
+
+
+def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        nonfinite=jnp.zeros((), jnp.int32),
+    )
+
+
+def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation, config) -> Callable:
+    """Returns `train_step(state, batch) -> (state, metrics)` (pure; jit it with shardings)."""
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        def objective(params):
+            outputs = model.apply({"params": params}, batch)
+            return loss_fn(outputs, batch, config)
+
+        (loss, parts), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss)
+        # A non-finite step leaves the state untouched, so what gets saved is always good.
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=jax.tree.map(keep, params, state.params),
+            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+            nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+        )
+        metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads)}
+        return new_state, metrics
+
+    return train_step
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the field, before any data or device work."""
+    family = get_family(config.model_family)
+    names = [n for n in config.loss_names.split("+") if n]
+    unknown = [n for n in names if n not in family.known_losses]
+    if unknown or not names:
+        raise ValueError(
+            f"config.loss_names={config.loss_names!r}: unknown loss {unknown or '(empty)'} for model_family "
+            f"{config.model_family!r}; known: {'+'.join(family.known_losses)}"
+        )
+    if config.precision not in ("float32", "bfloat16"):
+        raise ValueError(f"config.precision={config.precision!r}: expected 'float32' or 'bfloat16'")
+    n_dev = jax.device_count()
+    if config.batch_size <= 0 or config.batch_size % n_dev:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} must be a positive multiple of the device count ({n_dev})"
+        )
+    init = config.model.get("init_checkpoint")
+    if init and not os.path.exists(init):
+        raise FileNotFoundError(
+            f"config.model.init_checkpoint={init!r} does not exist; give an OpenAI CLIP .pt / state dict, "
+            "a Hugging Face CLIP folder or a params file written by `python -m xmr_jax.convert`"
+        )
+
+
+def init_params(model, config, image_size, rng) -> dict:
+    """Random init of the whole model, then the CLIP towers from `model.init_checkpoint` if set."""
+    h, w = image_size
+    dummy = {
+        "images": jnp.zeros((1, h, w, 3), jnp.float32),
+        "text_ids": jnp.zeros((1, model.base_model.context_length), jnp.int32),
+        "mlm_ids": jnp.zeros((1, model.base_model.context_length), jnp.int32),
+        "mlm_labels": jnp.zeros((1, model.base_model.context_length), jnp.int32),
+        "pids": jnp.zeros((1,), jnp.int32),
+        "image_ids": jnp.zeros((1,), jnp.int32),
+    }
+    params = jax.jit(lambda r: model.init(r, dummy)["params"])(rng)
+    init = config.model.get("init_checkpoint")
+    if init:
+        from xmr_jax.convert import load_clip, check_params_match
+
+        _, clip_params = load_clip(init, image_size=tuple(image_size))
+        check_params_match(params["base_model"], clip_params, where=f"config.model.init_checkpoint={init}")
+        params = {**params, "base_model": jax.tree.map(jnp.asarray, clip_params)}
+    return params
+
+
+def _stack_mean(history: list[dict]) -> dict[str, float]:
+    stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
+    return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callable[[int], Iterator],
+          steps_per_epoch: int) -> tuple[TrainState, Any, parallel.Mesh]:
+    """Trains `config.num_epochs` epochs (resuming from the latest checkpoint in `workdir`).
+
+    Args:
+      train_iter_fn: start_step -> iterator of per-process numpy batches beginning at that step.
+      steps_per_epoch: optimizer steps per epoch (global batch).
+    Returns: (final state, model, mesh).
+    """
+    family = get_family(config.model_family)
+    model = family.build(config)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    total_steps = int(config.num_epochs * steps_per_epoch)
+    is_chief = jax.process_index() == 0
+
+    params = init_params(model, config, config.data.image_size, jax.random.PRNGKey(config.seed))
+    tx, lr_schedule = optim.make_optimizer(config.optim, params, steps_per_epoch)
+    abstract_state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
+    state_shardings = parallel.param_shardings(abstract_state, mesh, config.mesh.strategy)
+    state = jax.jit(lambda p: create_train_state(p, tx), out_shardings=state_shardings)(params)
+    del params
+
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, async_save=config.async_checkpoints
+    )
+    start_step = ckpt.latest_step() or 0
+    if start_step:
+        state = ckpt.restore(state, step=start_step)
+        print(f"Resumed from {workdir}/checkpoints at step {start_step}.", flush=True)
+
+    step_fn = jax.jit(
+        make_train_step(model, family.losses, tx, config),
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+    writer = MetricWriter(workdir, enabled=is_chief)
+    progress = ProgressBar(total_steps, start_step, enabled=is_chief and config.progress_bar)
+    stopper = checkpoints.install_signal_handlers()
+    profile = tuple(config.get("profile_steps", ()) or ())
+    last_saved = start_step
+
+    def save(step: int, force: bool = False):
+        nonlocal last_saved
+        if int(jax.device_get(state.nonfinite)):
+            return  # never overwrite a good checkpoint with a diverged state
+        ckpt.save(step, state, force=force)
+        last_saved = step
+
+    history: list[dict] = []
+    t_last, step_last = time.time(), start_step
+    batches = train_iter_fn(start_step)
+    step = start_step
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(config.get("profile_dir") or os.path.join(workdir, "profile"))
+            batch = parallel.global_batch(next(batches), mesh)
+            state, metrics = step_fn(state, batch)
+            history.append(metrics)
+            if profile and step == profile[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+            if step % config.log_every == 0 or step == total_steps:
+                summary = _stack_mean(history)
+                history.clear()
+                if not np.isfinite(summary["loss"]) or int(jax.device_get(state.nonfinite)):
+                    raise TrainingDiverged(
+                        f"loss became NaN/Inf between steps {step - config.log_every + 1} and {step} "
+                        f"(mean loss {summary['loss']}); training stopped. The last good checkpoint "
+                        f"(step {last_saved}) in {workdir}/checkpoints is intact. Lower optim.lr, "
+                        "enable optim.grad_clip, or use precision=float32."
+                    )
+                now = time.time()
+                summary["steps_per_sec"] = (step - step_last) / max(now - t_last, 1e-9)
+                summary["lr"] = float(lr_schedule(step - 1))
+                summary["epoch"] = (step - 1) // steps_per_epoch
+                t_last, step_last = now, step
+                writer.scalars(step, summary)
+                progress.update(step, summary)
+            if stopper.should_stop():
+                save(step, force=True)
+                ckpt.wait()
+                print(f"\nStopped by signal at step {step}; checkpoint saved in {workdir}/checkpoints.", flush=True)
+                raise SystemExit(0)
+            if step % config.ckpt_every_steps == 0:
+                save(step)
+        if step != last_saved:
+            save(step, force=True)
+        ckpt.wait()
+    finally:
+        progress.close()
+        writer.flush()
+        stopper.restore()
+    return state, model, mesh
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes config.json (and the readable repr) into the workdir, on the chief process only."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "config.txt"), "w") as f:
+        f.write(str(config))
