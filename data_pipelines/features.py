@@ -9,6 +9,7 @@ path:        image path relative to the data set folder
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 
@@ -18,8 +19,8 @@ def retrieval_features(encoding_format: str = "png") -> tfds.features.FeaturesDi
         {
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format=encoding_format),
             "captions": tfds.features.Sequence(tfds.features.Text()),
-            "pid": tfds.features.Scalar(dtype="int64"),
-            "image_index": tfds.features.Scalar(dtype="int64"),
+            "pid": tfds.features.Scalar(dtype=np.int64),
+            "image_index": tfds.features.Scalar(dtype=np.int64),
             "path": tfds.features.Text(),
         }
     )

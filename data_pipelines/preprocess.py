@@ -85,10 +85,11 @@ def erasing_box(height, width, uniforms: tf.Tensor, scale=ERASE_SCALE, ratio=ERA
     """
     height = tf.cast(height, tf.int32)
     width = tf.cast(width, tf.int32)
-    area = tf.cast(height * width, tf.float32)
-    frac = scale[0] + uniforms[:, 0] * (scale[1] - scale[0])
+    u = tf.cast(uniforms, tf.float64)  # float64 like torchvision's Python arithmetic
+    area = tf.cast(height * width, tf.float64)
+    frac = scale[0] + u[:, 0] * (scale[1] - scale[0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = tf.exp(log_lo + uniforms[:, 1] * (log_hi - log_lo))
+    aspect = tf.exp(log_lo + u[:, 1] * (log_hi - log_lo))
     # Python's round() (used by torchvision) and tf.round both round half to even.
     h = tf.cast(tf.round(tf.sqrt(area * frac * aspect)), tf.int32)
     w = tf.cast(tf.round(tf.sqrt(area * frac / aspect)), tf.int32)
@@ -96,8 +97,8 @@ def erasing_box(height, width, uniforms: tf.Tensor, scale=ERASE_SCALE, ratio=ERA
     k = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # first fitting attempt
     found = tf.reduce_any(fits)
     h_k, w_k = h[k], w[k]
-    top = tf.cast(tf.floor(uniforms[k, 2] * tf.cast(height - h_k + 1, tf.float32)), tf.int32)
-    left = tf.cast(tf.floor(uniforms[k, 3] * tf.cast(width - w_k + 1, tf.float32)), tf.int32)
+    top = tf.cast(tf.floor(u[k, 2] * tf.cast(height - h_k + 1, tf.float64)), tf.int32)
+    left = tf.cast(tf.floor(u[k, 3] * tf.cast(width - w_k + 1, tf.float64)), tf.int32)
     return found, top, left, h_k, w_k
 
 

@@ -292,89 +292,101 @@ def to_hf_clip(model, params, out_dir: str):
 
 def _find_clip_params(tree: Any, where: str) -> Mapping[str, Any]:
     """The first sub-dict (breadth first) holding both a `visual` and a `text` tower."""
-    queue = [((), tree)]
+    queue = [tree]
     while queue:
-        keys, node = queue.pop(0)
+        node = queue.pop(0)
         if isinstance(node, Mapping):
             if "visual" in node and "text" in node:
                 return node
-            queue.extend((keys + (k,), v) for k, v in node.items())
+            queue.extend(node.values())
     raise ExportError(
         f"{where}: found no CLIP parameters (a dict with 'visual' and 'text' sub-trees); "
         f"top-level keys: {sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__}")
 
 
-def _latest_step_dir(ckpt_root: str) -> str | None:
-    steps = [d for d in os.listdir(ckpt_root)
-             if d.isdigit() and os.path.isdir(os.path.join(ckpt_root, d))]
-    return os.path.join(ckpt_root, max(steps, key=int)) if steps else None
+def _step_dirs(folder: str) -> list[str]:
+    return sorted((d for d in os.listdir(folder)
+                   if d.isdigit() and os.path.isdir(os.path.join(folder, d))), key=int)
 
 
-def _restore_orbax(path: str) -> Any:
+def _restore_numpy(path: str) -> Any:
+    """Restores an orbax PyTree checkpoint folder as a tree of host numpy arrays (no shardings, so
+    a checkpoint written on any mesh/device count loads on one CPU)."""
     import orbax.checkpoint as ocp
-    # A CheckpointManager step folder holds one sub-folder per item (e.g. "state"); restore the
-    # one holding the parameters, else the folder itself as a plain PyTree checkpoint.
-    for item in ("state", "default", "params"):
-        sub = os.path.join(path, item)
-        if os.path.isdir(sub):
-            path = sub
-            break
+    path = os.path.abspath(path)
     with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(os.path.abspath(path))
+        meta = ckptr.metadata(path)
+        meta = getattr(meta, "item_metadata", meta)
+        meta = getattr(meta, "tree", meta)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta,
+                                    is_leaf=lambda x: hasattr(x, "shape"))
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def _sibling_model_json(path: str) -> dict[str, Any] | None:
-    stem = os.path.splitext(path)[0]
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    for candidate in (stem + ".json", os.path.join(folder, "model.json"),
-                      os.path.join(folder, "clip.json")):
-        if os.path.isfile(candidate):
-            with open(candidate) as f:
-                return json.load(f)
-    return None
+def is_training_workdir(path: str) -> bool:
+    """True for a training workdir (`<path>/checkpoints/<step>/state`, xmr_jax.checkpoints)."""
+    return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
-def load_params_for_export(path: str) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
-    """Loads CLIP params from a converted params file or a training workdir.
+def load_params_for_export(path: str, step: int | None = None) -> Mapping[str, Any]:
+    """CLIP params (the dual-encoder sub-tree) from a training workdir, as host numpy arrays.
 
-    Accepted `path`s (assumptions, see the report):
-        * `X.msgpack` written by `python -m xmr_jax.convert` (flax msgpack of the CLIP params tree,
-            optionally wrapped as {"params": ...}); model fields from `X.json` / `model.json` /
-            `clip.json` next to it.
-        * a folder holding `params.msgpack` (same as above).
-        * an orbax PyTree checkpoint folder (e.g. the convert CLI's orbax output).
-        * a training workdir with `checkpoints/<step>/` (orbax CheckpointManager, written by
-            xmr_jax/checkpoints.py): the latest step is restored without a target and the CLIP params
-            are the first sub-tree of the state holding both `visual` and `text` (IRRA/TGDT wrap the
-            dual encoder under their own key, e.g. state.params["base"]).
+    Layout assumed (xmr_jax/checkpoints.py): `<path>/checkpoints/<step>/state` is an orbax
+    StandardSave of `xmr_jax.optim.TrainState(step, params, opt_state)`; the family model keeps
+    the CLIP towers under `params["base_model"]` (IRRA; TGDT likewise). Rather than hard-coding
+    the key, the first sub-tree of `params` holding both `visual` and `text` is returned, so a
+    bare CLIP state works too. `path` may also be `<workdir>/checkpoints` or one step folder.
 
+    Args:
+      path: the workdir (or its checkpoints folder, or a step folder).
+      step: which step; default the newest.
     Returns:
-        (clip_params, model_fields or None): model_fields are the JSON model fields found next to
-        the params (None for workdirs: the model then comes from --config or workdir/config.json).
+      {"visual": ..., "text": ...} float32 numpy params for `xmr_jax.models.clip.CLIP`.
     """
-    if not os.path.exists(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"training workdir {path!r} does not exist")
+    root = os.path.join(path, "checkpoints") if is_training_workdir(path) else path
+    if os.path.isdir(os.path.join(root, "state")):  # a step folder itself
+        step_dir = root
+    else:
+        steps = _step_dirs(root)
+        if not steps:
+            raise FileNotFoundError(f"{root}: no checkpoint step folders (expected <step>/state)")
+        if step is not None and str(step) not in steps:
+            raise FileNotFoundError(f"{root}: no checkpoint for step {step}; saved steps: {steps}")
+        step_dir = os.path.join(root, str(step) if step is not None else steps[-1])
+    state_dir = os.path.join(step_dir, "state")
+    if not os.path.isdir(state_dir):
+        raise FileNotFoundError(f"{step_dir}: no 'state' item (written by xmr_jax.checkpoints)")
+    state = _restore_numpy(state_dir)
+    params = state.get("params", state) if isinstance(state, Mapping) else state
+    return _find_clip_params(params, state_dir)
+
+
+def load_for_export(checkpoint: str, config_spec: str | None = None):
+    """(CLIP model, params) for the export CLI.
+
+    checkpoint: a training workdir (see `load_params_for_export`; the model comes from --config
+      or else the workdir's config.json `model.clip`), or anything `xmr_jax.convert.load_clip`
+      reads: a folder written by `python -m xmr_jax.convert` (xmr_clip.json + params.msgpack or
+      params/), its params.msgpack file, a Hugging Face CLIPModel folder, an OpenAI CLIP file.
+    config_spec: `configs/x.py[:args]`; its `model.clip` builds the model for a workdir.
+    The model computes in float32 (the training precision is not applied to the export).
+    """
+    if not os.path.exists(checkpoint):
         raise FileNotFoundError(
-            f"--checkpoint {path!r} does not exist (expected a params .msgpack file, an orbax "
-            "checkpoint folder, or a training workdir with checkpoints/<step>/)")
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, PARAMS_FILE)):
-        path = os.path.join(path, PARAMS_FILE)
-    if os.path.isfile(path):
-        if not path.endswith(".msgpack"):
-            raise ExportError(f"--checkpoint {path!r}: unsupported file type (expected .msgpack)")
-        from flax import serialization
-        with open(path, "rb") as f:
-            tree = serialization.msgpack_restore(f.read())
-        return _find_clip_params(tree, path), _sibling_model_json(path)
-    ckpt_root = os.path.join(path, "checkpoints")
-    if os.path.isdir(ckpt_root):
-        step_dir = _latest_step_dir(ckpt_root)
-        if step_dir is None:
-            raise FileNotFoundError(f"workdir {path!r}: {ckpt_root} holds no numbered step folders")
-        return _find_clip_params(_restore_orbax(step_dir), step_dir), None
-    if _latest_step_dir(path) is not None:  # a CheckpointManager directory itself
-        step_dir = _latest_step_dir(path)
-        return _find_clip_params(_restore_orbax(step_dir), step_dir), None
-    return _find_clip_params(_restore_orbax(path), path), _sibling_model_json(path)
+            f"--checkpoint {checkpoint!r} does not exist (expected a training workdir, a folder "
+            "written by `python -m xmr_jax.convert`, a HF CLIPModel folder or an OpenAI CLIP file)")
+    if os.path.isdir(checkpoint) and (is_training_workdir(checkpoint)
+                                      or os.path.isdir(os.path.join(checkpoint, "state"))):
+        params = load_params_for_export(checkpoint)
+        model = build_model(config_spec, checkpoint)
+        return model, params
+    from xmr_jax.convert import load_clip
+    if os.path.basename(checkpoint) == PARAMS_FILE:
+        checkpoint = os.path.dirname(checkpoint) or "."
+    model, params = load_clip(checkpoint)
+    return model, params
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -393,44 +405,32 @@ def _load_config_file(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
-def _clip_from_fields(fields: Mapping[str, Any]):
-    from xmr_jax.models import clip as clip_lib
-    fields = dict(fields)
-    if "preset" in fields:
-        return clip_lib.clip_from_config(fields)
-    names = {f.name for f in dataclasses.fields(clip_lib.CLIP)}
-    unknown = sorted(set(fields) - names)
-    if unknown:
-        raise ExportError(f"model fields {unknown} are not CLIP fields (known: {sorted(names)})")
-    if "image_size" in fields:
-        fields["image_size"] = tuple(fields["image_size"])
-    if isinstance(fields.get("dtype"), str):
-        fields["dtype"] = jnp.dtype(fields["dtype"])
-    return clip_lib.CLIP(**fields)
-
-
-def build_model(config_spec: str | None, model_fields: Mapping[str, Any] | None,
-                checkpoint: str):
-    """CLIP model from --config (its `model.clip`), else the checkpoint's JSON model fields, else
-    `<workdir>/config.json` (`model.clip`)."""
+def build_model(config_spec: str | None, workdir: str):
+    """CLIP (float32) from --config's `model.clip`, else `<workdir>/config.json`'s `model.clip`."""
     from xmr_jax.models import clip as clip_lib
     if config_spec:
         config = _load_config_file(config_spec)
-        clip_cfg = config.model.clip if "model" in config else config
-        return clip_lib.clip_from_config(clip_cfg)
-    if model_fields is not None:
-        return _clip_from_fields(model_fields)
-    cfg_json = os.path.join(checkpoint, "config.json")
-    if os.path.isfile(cfg_json):
+        if "model" not in config or "clip" not in config.model:
+            raise ExportError(f"--config {config_spec!r} has no model.clip section")
+        clip_cfg, where = config.model.clip, f"--config {config_spec}"
+    else:
+        cfg_json = os.path.join(workdir, "config.json")
+        if not os.path.isfile(cfg_json):
+            raise ExportError(
+                f"cannot tell which model {workdir!r} holds: it has no config.json; pass --config "
+                "(the configs/*.py file it was trained with)")
         with open(cfg_json) as f:
             cfg = json.load(f)
         try:
-            return clip_lib.clip_from_config(cfg["model"]["clip"])
-        except KeyError as e:
+            clip_cfg, where = cfg["model"]["clip"], cfg_json
+        except (KeyError, TypeError) as e:
             raise ExportError(f"{cfg_json} has no model.clip section") from e
-    raise ExportError(
-        f"cannot tell which model {checkpoint!r} holds: pass --config (a configs/*.py file) or put "
-        "the model fields JSON next to the params")
+    clip_cfg = dict(clip_cfg.to_dict() if hasattr(clip_cfg, "to_dict") else clip_cfg)
+    clip_cfg.pop("dtype", None)
+    try:
+        return clip_lib.clip_from_config(clip_cfg)
+    except ValueError as e:
+        raise ExportError(f"{where}: model.clip: {e}") from e
 
 
 def _parse_args(argv):
@@ -438,9 +438,11 @@ def _parse_args(argv):
         prog="python -m xmr_jax.export", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="params .msgpack / orbax checkpoint folder / training workdir")
+                   help="training workdir, `python -m xmr_jax.convert` output folder (or its "
+                        "params.msgpack), HF CLIPModel folder, or OpenAI CLIP file")
     p.add_argument("--config", default=None,
-                   help="configs/x.py[:arg] whose model.clip describes the model")
+                   help="configs/x.py[:arg] whose model.clip describes a workdir's model "
+                        "(default: WORKDIR/config.json)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--formats", default="jax,savedmodel",
                    help=f"comma-separated subset of {','.join(FORMATS)} (default jax,savedmodel)")
@@ -458,8 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad or not formats:
         raise ExportError(f"--formats {args.formats!r}: unknown {bad}; choose from {FORMATS}")
     platforms = tuple(s.strip() for s in args.platforms.split(",") if s.strip()) or None
-    params, fields = load_params_for_export(args.checkpoint)
-    model = build_model(args.config, fields, args.checkpoint)
+    model, params = load_for_export(args.checkpoint, args.config)
     image_shape = _resolve_image_shape(model, None)
     os.makedirs(args.out, exist_ok=True)
     for fmt in formats:
@@ -478,6 +479,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ExportError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:  # ExportError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

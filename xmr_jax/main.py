@@ -41,10 +41,10 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
     train.write_config(config, workdir)
 
     if mode in ("train", "train_and_eval"):
-        state, model, mesh = train.train(config, workdir, data.train_iter, steps_per_epoch)
-        params = state.params
-        step = int(jax.device_get(state.step))
-        if mode == "train":
+        result = train.train(config, workdir, data.train_iter, steps_per_epoch)
+        model, mesh, params = result.model, result.mesh, result.state.params
+        step = int(jax.device_get(result.state.step))
+        if mode == "train" or result.stopped:
             return {}
     else:
         model = get_family(config.model_family).build(config)

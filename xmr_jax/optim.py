@@ -33,7 +33,6 @@ that checkpoints.Checkpointer saves and restores): ``create_train_state(params, 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 

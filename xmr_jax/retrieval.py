@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from xmr_jax.similarity import (_check_tokens, global_similarity, l2_normalize, local_similarity,
-                                local_similarity_candidates)
+from xmr_jax.similarity import (_check_tokens, _compute_dtype, _precision, global_similarity,
+                                l2_normalize, local_similarity, local_similarity_candidates)
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # working-set bound per query chunk
 DIRECTIONS = ("t2i", "i2t")
@@ -184,7 +184,6 @@ def _auto_chunk(n_query, n_gallery_local, k_loc, l_query, l_cand, dim, itemsize,
 def _run_two_stage(query_global, query_tokens, query_mask, gallery_global, gallery_tokens,
                    gallery_mask, k, direction, local_scale, query_chunk, mesh, axis, out_k,
                    compute_dtype, precision):
-    from xmr_jax.similarity import _compute_dtype, _precision  # shared dtype policy
     modality = _query_modality(direction)
     query_tokens, gallery_tokens = jnp.asarray(query_tokens), jnp.asarray(gallery_tokens)
     query_mask = jnp.asarray(query_mask).astype(bool)

@@ -23,7 +23,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-# Memory bound for one tile of the [image_block, text_block, L_img, L_txt] cosine tensor.
+# Memory bound for one tile of the [image_block, L_img, text_block, L_txt] cosine tensor.
 DEFAULT_TILE_BYTES = 128 * 2**20
 _NEG = float(jnp.finfo(jnp.float32).min)  # "never wins the max" (finite: no inf arithmetic)
 
@@ -62,18 +62,24 @@ def _check_tokens(tokens, mask, name: str, batch_dims: int = 1) -> None:
             f"got {tuple(mask.shape)}")
 
 
+def _reduce_tokens(cosines, image_valid, text_valid, image_axis, scale):
+    """cosines (float32) with image tokens on ``image_axis`` and words on the last axis;
+    image_valid broadcastable to cosines, text_valid to cosines without ``image_axis``."""
+    cosines = jnp.where(image_valid, cosines.astype(jnp.float32), _NEG)
+    best = jnp.max(cosines, axis=image_axis)                      # [..., L_txt]
+    any_image = jnp.any(image_valid, axis=image_axis)             # "no valid token" -> 0
+    best = jnp.where(text_valid & any_image, best, 0.0)
+    return scale * jnp.sum(best, axis=-1)
+
+
 def token_scores(cosines: jax.Array, image_valid: jax.Array, text_valid: jax.Array,
                  scale) -> jax.Array:
     """Reduces cosines [..., L_img, L_txt] to [...] scores: max over valid image tokens, sum over
     valid words, times ``scale``. ``image_valid`` [..., L_img] / ``text_valid`` [..., L_txt] bool
     (broadcastable against the leading dims of ``cosines``)."""
-    image_valid = jnp.asarray(image_valid, bool)
+    image_valid = jnp.asarray(image_valid, bool)[..., :, None]
     text_valid = jnp.asarray(text_valid, bool)
-    cosines = jnp.where(image_valid[..., :, None], cosines.astype(jnp.float32), _NEG)
-    best = jnp.max(cosines, axis=-2)                                   # [..., L_txt]
-    any_image = jnp.any(image_valid, axis=-1, keepdims=True)          # [..., 1]
-    best = jnp.where(text_valid & any_image, best, 0.0)
-    return scale * jnp.sum(best, axis=-1)
+    return _reduce_tokens(cosines, image_valid, text_valid, -2, scale)
 
 
 def global_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -86,7 +92,7 @@ def global_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def auto_blocks(n_img: int, n_txt: int, l_img: int, l_txt: int,
                 tile_bytes: int = DEFAULT_TILE_BYTES) -> tuple[int, int]:
-    """Image/text block sizes so one float32 [bi, bt, L_img, L_txt] tile stays under
+    """Image/text block sizes so one float32 [bi, L_img, bt, L_txt] tile stays under
     ``tile_bytes`` (counting two live copies: the cosines and their masked version)."""
     pairs = max(1, tile_bytes // (2 * 4 * max(1, l_img) * max(1, l_txt)))
     bi = max(1, min(n_img, math.isqrt(pairs)))
@@ -122,9 +128,10 @@ def _local_tiled(image_tokens, image_mask, text_tokens, text_mask, scale, *, ima
 
         def text_step(text_args):
             tb, tbm = text_args                                # [bt, Lt, D], [bt, Lt]
-            cos = jnp.einsum("ild,tjd->itlj", ib, tb, precision=precision,
+            # One flat matmul [bi*Li, D] x [D, bt*Lt] -> cosines [bi, Li, bt, Lt].
+            cos = jnp.einsum("ild,tjd->iltj", ib, tb, precision=precision,
                              preferred_element_type=jnp.float32)
-            return token_scores(cos, ibm[:, None, :], tbm[None, :, :], scale)   # [bi, bt]
+            return _reduce_tokens(cos, ibm[:, :, None, None], tbm[None, :, :], 1, scale)
 
         out = jax.lax.map(text_step, (txt, txk))              # [nbt, bi, bt]
         return jnp.swapaxes(out, 0, 1).reshape(ib.shape[0], -1)
@@ -215,9 +222,13 @@ def local_similarity_candidates(query_tokens: jax.Array, query_mask: jax.Array,
     q = _normalize_tokens(query_tokens, dtype)
     c = _normalize_tokens(candidate_tokens, dtype)
     query_mask, candidate_mask = query_mask.astype(bool), candidate_mask.astype(bool)
+    n_q, n_c, l_c, d = c.shape
+    flat = c.reshape(n_q, n_c * l_c, d)        # batched over queries: one matmul per query
     if query_modality == "text":   # cosines [Q, K, L_img(cand), L_txt(query)]
-        cos = jnp.einsum("qkld,qjd->qklj", c, q, precision=prec,
-                         preferred_element_type=jnp.float32)
-        return token_scores(cos, candidate_mask, query_mask[:, None, :], scale)
-    cos = jnp.einsum("qld,qkjd->qklj", q, c, precision=prec, preferred_element_type=jnp.float32)
-    return token_scores(cos, query_mask[:, None, :], candidate_mask, scale)
+        cos = jnp.einsum("qmd,qjd->qmj", flat, q, precision=prec,
+                         preferred_element_type=jnp.float32).reshape(n_q, n_c, l_c, -1)
+        return _reduce_tokens(cos, candidate_mask[..., None], query_mask[:, None, :], 2, scale)
+    # cosines [Q, L_img(query), K, L_txt(cand)]
+    cos = jnp.einsum("qld,qmd->qlm", q, flat, precision=prec,
+                     preferred_element_type=jnp.float32).reshape(n_q, q.shape[1], n_c, l_c)
+    return _reduce_tokens(cos, query_mask[:, :, None, None], candidate_mask, 1, scale)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import flax.struct
 import jax
@@ -26,6 +26,13 @@ from xmr_jax.models.families import get_family
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf."""
+
+
+class TrainResult(NamedTuple):
+    state: "TrainState"
+    model: Any
+    mesh: Any
+    stopped: bool  # True when a SIGTERM/SIGINT ended training early (a checkpoint was saved)
 
 
 @flax.struct.dataclass
@@ -85,10 +92,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.precision not in ("float32", "bfloat16"):
         raise ValueError(f"config.precision={config.precision!r}: expected 'float32' or 'bfloat16'")
-    n_dev = jax.device_count()
+    n_dev = jax.device_count() if -1 in (config.mesh.data, config.mesh.fsdp) else config.mesh.data * config.mesh.fsdp
     if config.batch_size <= 0 or config.batch_size % n_dev:
         raise ValueError(
-            f"config.batch_size={config.batch_size} must be a positive multiple of the device count ({n_dev})"
+            f"config.batch_size={config.batch_size} must be a positive multiple of the number of devices "
+            f"in the mesh ({n_dev}; config.mesh.data={config.mesh.data}, config.mesh.fsdp={config.mesh.fsdp})"
         )
     init = config.model.get("init_checkpoint")
     if init and not os.path.exists(init):
@@ -126,17 +134,18 @@ def _stack_mean(history: list[dict]) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callable[[int], Iterator],
-          steps_per_epoch: int) -> tuple[TrainState, Any, parallel.Mesh]:
+          steps_per_epoch: int, devices=None) -> TrainResult:
     """Trains `config.num_epochs` epochs (resuming from the latest checkpoint in `workdir`).
 
     Args:
       train_iter_fn: start_step -> iterator of per-process numpy batches beginning at that step.
       steps_per_epoch: optimizer steps per epoch (global batch).
-    Returns: (final state, model, mesh).
+      devices: the mesh's devices (default: all devices of all processes).
+    Returns: TrainResult(state, model, mesh, stopped).
     """
     family = get_family(config.model_family)
     model = family.build(config)
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     total_steps = int(config.num_epochs * steps_per_epoch)
     is_chief = jax.process_index() == 0
 
@@ -147,9 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
     state = jax.jit(lambda p: create_train_state(p, tx), out_shardings=state_shardings)(params)
     del params
 
-    ckpt = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, async_save=config.async_checkpoints
-    )
+    ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     start_step = ckpt.latest_step() or 0
     if start_step:
         state = ckpt.restore(state, step=start_step)
@@ -163,15 +170,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
     )
     writer = MetricWriter(workdir, enabled=is_chief)
     progress = ProgressBar(total_steps, start_step, enabled=is_chief and config.progress_bar)
-    stopper = checkpoints.install_signal_handlers()
+    checkpoints.reset_stop()
+    checkpoints.install_signal_handlers()
     profile = tuple(config.get("profile_steps", ()) or ())
     last_saved = start_step
 
-    def save(step: int, force: bool = False):
+    def save(step: int):
         nonlocal last_saved
         if int(jax.device_get(state.nonfinite)):
             return  # never overwrite a good checkpoint with a diverged state
-        ckpt.save(step, state, force=force)
+        ckpt.save(step, state)
         last_saved = step
 
     history: list[dict] = []
@@ -205,21 +213,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
                 t_last, step_last = now, step
                 writer.scalars(step, summary)
                 progress.update(step, summary)
-            if stopper.should_stop():
-                save(step, force=True)
-                ckpt.wait()
-                print(f"\nStopped by signal at step {step}; checkpoint saved in {workdir}/checkpoints.", flush=True)
-                raise SystemExit(0)
+                # A collective across processes: polled at log steps only, where all processes are.
+                if checkpoints.should_stop():
+                    save(step)
+                    ckpt.wait()
+                    print(f"\nStopped by signal at step {step}; checkpoint saved in {workdir}/checkpoints.", flush=True)
+                    return TrainResult(state, model, mesh, stopped=True)
             if step % config.ckpt_every_steps == 0:
                 save(step)
         if step != last_saved:
-            save(step, force=True)
+            save(step)
         ckpt.wait()
     finally:
+        ckpt.close()
         progress.close()
         writer.flush()
-        stopper.restore()
-    return state, model, mesh
+        checkpoints.restore_signal_handlers()
+    return TrainResult(state, model, mesh, stopped=False)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

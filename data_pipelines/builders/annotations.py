@@ -126,6 +126,7 @@ def load_json(path: Path) -> Any:
 # ----------------------------------------------------------------------------- typed field access
 
 _TYPE_NAMES = {str: "string", int: "integer", list: "list", dict: "object"}
+_ARTICLE = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
 
 
 def _type_name(value: Any) -> str:
@@ -140,12 +141,12 @@ def get_field(record: Any, key: str, kind: type, where: str) -> Any:
         raise AnnotationError(f"{where}: expected an object, got {_type_name(record)}")
     if key not in record:
         raise AnnotationError(
-            f"{where}: missing field {key!r} (has {sorted(record)}); expected a {_TYPE_NAMES[kind]}"
+            f"{where}: missing field {key!r} (has {sorted(record)}); expected {_ARTICLE[kind]}"
         )
     value = record[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise AnnotationError(
-            f"{where}: field {key!r} must be a {_TYPE_NAMES[kind]}, got {_type_name(value)} {value!r:.60}"
+            f"{where}: field {key!r} must be {_ARTICLE[kind]}, got {_type_name(value)} {value!r:.60}"
         )
     return value
 
@@ -292,8 +293,9 @@ def check_images(
             return e
 
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        for done, (i, res) in enumerate(zip(range(total), pool.map(probe, range(total))), 1):
+        for i, res in enumerate(pool.map(probe, range(total))):
             results[i] = res
+            done = i + 1
             if isinstance(res, BadImageError) and not skip_bad_images:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise BadImageError(

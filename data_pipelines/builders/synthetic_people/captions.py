@@ -63,12 +63,12 @@ def _shoe_phrase(rng: np.random.Generator, a: Attributes) -> str:
 def _bag_sentence(rng: np.random.Generator, a: Attributes, who: str) -> str:
     colour = _colour(rng, a.bag_colour)
     if a.bag_style == "backpack":
-        return _pick(rng, (f"{_verb(who, 'carries', 'carry')} a {colour} backpack",
-                           f"{_verb(who, 'has', 'have')} a {colour} backpack on the back",
-                           f"a {colour} backpack is on {'their' if who == 'they' else 'the'} back"))
-    return _pick(rng, (f"{_verb(who, 'holds', 'hold')} a {colour} handbag",
-                       f"{_verb(who, 'carries', 'carry')} a {colour} bag in one hand",
-                       f"a {colour} handbag hangs from one hand"))
+        return _pick(rng, (f"{_verb(who, 'carries', 'carry')} {_article(colour)} backpack",
+                           f"{_verb(who, 'has', 'have')} {_article(colour)} backpack on the back",
+                           f"{_article(colour)} backpack is on {'their' if who == 'they' else 'the'} back"))
+    return _pick(rng, (f"{_verb(who, 'holds', 'hold')} {_article(colour)} handbag",
+                       f"{_verb(who, 'carries', 'carry')} {_article(colour)} bag in one hand",
+                       f"{_article(colour)} handbag hangs from one hand"))
 
 
 def _sentence(text: str) -> str:

@@ -155,7 +155,7 @@ def _draw_figure(draw: ImageDraw.ImageDraw, a: Attributes, cx: float, y0: float,
     # Neck and torso.
     rect(-2.5, 12, 2.5, 18, skin)
     if a.top_style == "dress":
-        poly([(-10.5, 17), (10.5, 17), (9, 46), (14, 70), (-14, 70), (-9, 46)], top)
+        poly([(-10.5, 17), (10.5, 17), (9, 44), (13, 58), (-13, 58), (-9, 44)], top)
     else:
         poly([(-11, 17), (11, 17), (9.5, 49), (-9.5, 49)], top)
         if a.top_style == "jacket":  # zip line and collar

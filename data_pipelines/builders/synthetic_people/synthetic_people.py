@@ -71,13 +71,12 @@ class SyntheticPeople(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = BUILDER_CONFIGS
     DEFAULT_CONFIG_NAME = "default"
-    # Keep examples in generation order (image_index order) on disk.
-    disable_shuffling = True
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             features=retrieval_features("png"),
             supervised_keys=None,
+            disable_shuffling=True,  # keep examples in image_index order on disk
             description=__doc__,
         )
 

@@ -1,0 +1,111 @@
+"""Input-pipeline throughput: training images/s of the full IRRA transform, and synthetic build time.
+
+    python benchmarks/input_pipeline.py [--data_dir DIR] [--image_size 384,128] [--batch_size 64]
+        [--batches 40] [--rebuild]
+
+Rows of the printed table:
+  build synthetic_people/default   wall seconds to build the default set (1500/250 ids, 7000
+                                   64x32 images) -- only timed when it is built in this run
+                                   (--rebuild or a fresh data_dir)
+  build synthetic_people/native    the same for a 400-image set drawn directly at --image_size
+  train <set> all cores            images/s of the train stream (decode, resize to image_size, flip,
+                                   pad-crop, normalize, erase, MLM) with tf.data AUTOTUNE
+  train <set> 1 thread             the same with a 1-thread private pool (~ one core)
+The 64x32 set is upscaled to image_size by the transform; the native set decodes full-size PNGs
+(closer to real data, whose JPEGs are ~100x300).
+TensorFlow is imported only inside data_pipelines (this file runs the import lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+
+def _throughput(ds, batch_size: int, batches: int) -> float:
+    it = ds.as_numpy_iterator()
+    for _ in range(3):  # warm-up: tracing, shuffle-buffer fill, autotune
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", default=os.path.join(tempfile.gettempdir(), "xmr_bench_data"))
+    parser.add_argument("--image_size", default="384,128", help="H,W")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per row")
+    parser.add_argument("--rebuild", action="store_true", help="delete and rebuild the synthetic sets")
+    args = parser.parse_args(argv)
+    size = tuple(int(s) for s in args.image_size.split(","))
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from data_pipelines import input_pipeline as ip
+    from data_pipelines.builders import synthetic_people as sp
+
+    if args.rebuild and os.path.isdir(args.data_dir):
+        shutil.rmtree(args.data_dir)
+    rows = []
+    native = f"native_{size[0]}x{size[1]}"
+    for config, overrides in (("default", {}),
+                              (native, _native_overrides(size))):
+        fresh = not os.path.isdir(os.path.join(args.data_dir, "synthetic_people", config))
+        start = time.perf_counter()
+        sp.build(args.data_dir, config, verbose=False, **overrides)
+        seconds = time.perf_counter() - start
+        rows.append((f"build synthetic_people/{config}", f"{seconds:.1f} s" if fresh else "(prepared before)",
+                     ""))
+    cores = os.cpu_count() or 1
+    ds = ip.train_tf_dataset("synthetic_people/default", args.data_dir, image_size=size,
+                             batch_size=args.batch_size, seed=0)
+    rate = _throughput(ds, args.batch_size, args.batches)
+    rows.append((f"train 64x32 upscaled, all {cores} cores", f"{rate:.0f} img/s", f"{rate / cores:.0f} img/s/core"))
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    rate1 = _throughput(ds.with_options(options), args.batch_size, max(8, args.batches // 4))
+    rows.append(("train 64x32 upscaled, 1 thread", f"{rate1:.0f} img/s", ""))
+    rows.extend(_native_rows(args, size, native, cores))
+
+    print(f"\ninput pipeline, IRRA train transform at {size[0]}x{size[1]}, batch {args.batch_size}, "
+          f"{cores} CPU cores (os.cpu_count), TF {tf.__version__}")
+    print(f"| {'what':<44} | {'value':>18} | {'per core':>16} |")
+    print(f"|{'-' * 46}|{'-' * 20}|{'-' * 18}|")
+    for what, value, per_core in rows:
+        print(f"| {what:<44} | {value:>18} | {per_core:>16} |")
+
+
+def _native_overrides(size):
+    return dict(num_train_ids=100, num_test_ids=25, images_per_id=4, image_height=size[0],
+                image_width=size[1], supersample=1)
+
+
+def _native_rows(args, size, native, cores):
+    """Throughput on the set drawn at full size (custom config -> builder object, not a name)."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from data_pipelines import preprocess as pp
+    from data_pipelines.builders import synthetic_people as sp
+
+    builder = sp.build(args.data_dir, native, verbose=False, **_native_overrides(size))
+
+    ds = builder.as_dataset("train", decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: ex["image"]).cache().shuffle(400, seed=0).repeat().enumerate()
+    base = tf.constant([0, 0], tf.int64)
+    ds = ds.map(lambda i, img: pp.train_image(img, size, pp.sample_seeds(base, i)),
+                num_parallel_calls=tf.data.AUTOTUNE).batch(args.batch_size).prefetch(tf.data.AUTOTUNE)
+    rate = _throughput(ds, args.batch_size, args.batches)
+    return [(f"train {size[0]}x{size[1]} native PNG (image only), all cores", f"{rate:.0f} img/s",
+             f"{rate / cores:.0f} img/s/core")]
+
+
+if __name__ == "__main__":
+    main()

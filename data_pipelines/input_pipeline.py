@@ -1,0 +1,439 @@
+"""Train and eval input pipelines over the xmr_jax TFDS builders; yields NumPy batches.
+
+Data layout (see /work/contracts.md): a builder yields one example per image with `captions`;
+training uses one sample per caption.
+
+Captions are tokenized ONCE per (data set, split) in NumPy with the CLIP tokenizer (IRRA's mask
+variant) when the pipeline is built -- faster than a tf.py_function per sample and identical
+across workers. The token table is then looked up inside tf.data by caption row; MLM masking runs
+in tf.data with stateless draws (xmr_jax.tokenizer.apply_mlm_rule).
+
+Determinism: the training stream is (host shard -> one sample per caption -> shuffle(seed) ->
+repeat -> enumerate -> map); each sample's augmentation and MLM seeds are folded from
+(seed, process_index, position in the stream), so the same seed gives the same batches whatever
+the parallelism.
+
+Multi-host: process i of N reads the i-th of N disjoint, contiguous image ranges of the split
+(tfds.even_splits) and all captions of those images, so hosts see disjoint caption samples that
+together cover the split. Each host gets `batch_size` (per-process) rows per batch; the trainer
+builds the global batch with jax.make_array_from_process_local_data.
+
+Eval: `eval_gallery` yields each image of the host's range once, `eval_queries` each caption of the
+host's contiguous caption range once. Both pad the last batch (valid=False rows) and, with several
+hosts, add all-padding batches so that every host yields the same number of batches
+(`EvalSizes.num_batches`). The evaluator gathers per-batch outputs from all hosts (e.g. global
+arrays built with make_array_from_process_local_data, or multihost_utils.process_allgather), then
+keeps rows with valid=True; `pids`/`image_ids` travel with the rows, so order does not matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines import preprocess  # noqa: F401  (sets TF log level and hides GPUs first)
+import tensorflow as tf  # noqa: E402,I001
+import tensorflow_datasets as tfds  # noqa: E402
+
+CONTEXT_LENGTH = 77
+_BUILDERS_DIR = Path(__file__).resolve().parent / "builders"
+# In-memory caching of the encoded training samples when the split is smaller than this.
+_CACHE_LIMIT_BYTES = 2 << 30
+_DEFAULT_SHUFFLE_BUFFER = 16384
+
+
+class DataError(ValueError):
+    """Bad data set name, data folder or split; the message names it and says what was expected."""
+
+
+# --------------------------------------------------------------------------- builders and metadata
+
+def available_builders() -> list[str]:
+    """Names of the builder packages in data_pipelines/builders/."""
+    return sorted(p.name for p in _BUILDERS_DIR.iterdir() if (p / "__init__.py").is_file())
+
+
+def get_builder(name: str, data_dir: str | os.PathLike | None, manual_dir: str | None = None,
+                prepare: bool = False) -> tfds.core.DatasetBuilder:
+    """The TFDS builder for `name` ("synthetic_people" or "synthetic_people/tiny") in data_dir.
+
+    prepare=True builds the data set when it is missing (synthetic_people needs nothing; real data
+    sets need manual_dir). Raises DataError for an unknown name, a missing data_dir, or data that is
+    not prepared (with prepare=False).
+    """
+    if not isinstance(name, str) or not name:
+        raise DataError(f"data set name must be a non-empty string, got {name!r}")
+    base, _, config = name.partition("/")
+    known = available_builders()
+    if base not in known:
+        raise DataError(f"unknown data set {base!r} (from name {name!r}); expected one of {known}")
+    importlib.import_module(f"data_pipelines.builders.{base}")  # registers the builder class
+    if data_dir is not None and not prepare and not Path(data_dir).expanduser().is_dir():
+        raise DataError(f"data_dir {str(data_dir)!r} for data set {name!r} does not exist; it should "
+                        f"be the TFDS data dir holding {base}/<config>/<version>/")
+    try:
+        builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
+    except (ValueError, KeyError) as e:  # e.g. unknown config name
+        raise DataError(f"cannot open data set {name!r}: {e}") from e
+    if not builder.is_prepared():
+        if not prepare:
+            hint = (f"data_pipelines.builders.synthetic_people.build({str(data_dir)!r}, "
+                    f"{builder.builder_config.name!r})" if base == "synthetic_people" else
+                    f"python -m data_pipelines.build --dataset {base} --manual_dir <folder> "
+                    f"--data_dir {data_dir}")
+            raise DataError(f"data set {name!r} is not prepared in data_dir {str(data_dir)!r} "
+                            f"(expected {builder.data_dir}); build it with: {hint}")
+        download_config = (tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+                           if manual_dir is not None else None)
+        builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
+def _check_split(builder, split: str) -> None:
+    splits = sorted(builder.info.splits.keys())
+    if split not in splits:
+        raise DataError(f"data set {builder.info.full_name!r} has no split {split!r}; "
+                        f"available splits: {splits}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitIndex:
+    """Everything about a split except the pixels, ordered by image_index then caption order.
+
+    image_pids: int64 [num_images]; caption_start/caption_count: int64 [num_images] (rows of the
+    image's captions); caption_image: int64 [num_captions]; token_ids: int32 [num_captions, 77];
+    captions: list of num_captions str.
+    """
+
+    name: str
+    split: str
+    image_pids: np.ndarray
+    caption_start: np.ndarray
+    caption_count: np.ndarray
+    caption_image: np.ndarray
+    token_ids: np.ndarray
+    captions: list
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_pids.shape[0])
+
+    @property
+    def num_captions(self) -> int:
+        return int(self.caption_image.shape[0])
+
+    @property
+    def caption_pids(self) -> np.ndarray:
+        """int64 [num_captions]: the pid of each caption's image."""
+        return self.image_pids[self.caption_image]
+
+
+@functools.lru_cache(maxsize=16)
+def _split_index(name: str, data_dir: str | None, split: str) -> SplitIndex:
+    from xmr_jax.tokenizer import default_tokenizer
+
+    builder = get_builder(name, data_dir)
+    _check_split(builder, split)
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: (ex["image_index"], ex["pid"], ex["captions"]))
+    records = {}
+    for image_index, pid, captions in ds.as_numpy_iterator():
+        image_index = int(image_index)
+        if image_index in records:
+            raise DataError(f"{name!r} split {split!r}: image_index {image_index} occurs twice")
+        if len(captions) == 0:
+            raise DataError(f"{name!r} split {split!r}: image_index {image_index} has no captions")
+        records[image_index] = (int(pid), [c.decode("utf-8") for c in captions])
+    n = len(records)
+    if sorted(records) != list(range(n)):
+        raise DataError(f"{name!r} split {split!r}: image_index values must be 0..{n - 1}, got "
+                        f"min {min(records, default=None)} max {max(records, default=None)}")
+    image_pids = np.array([records[i][0] for i in range(n)], np.int64)
+    counts = np.array([len(records[i][1]) for i in range(n)], np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    captions = [c for i in range(n) for c in records[i][1]]
+    caption_image = np.repeat(np.arange(n, dtype=np.int64), counts)
+    token_ids = default_tokenizer(mask_token=True).encode(captions).astype(np.int32)
+    return SplitIndex(name, split, image_pids, starts, counts, caption_image, token_ids, captions)
+
+
+def split_index(name: str, data_dir: str | os.PathLike | None, split: str) -> SplitIndex:
+    """Captions, tokens and pids of a split (read and tokenized once, then cached)."""
+    return _split_index(name, None if data_dir is None else str(data_dir), split)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMeta:
+    """Sizes of a split. num_samples = captions (one training sample per caption);
+    num_classes = distinct pids (the ID classifier size when split is train)."""
+
+    name: str
+    split: str
+    num_images: int
+    num_samples: int
+    num_classes: int
+
+    @property
+    def num_train_samples(self) -> int:
+        return self.num_samples
+
+    def steps_per_epoch(self, global_batch_size: int) -> int:
+        """Full batches per pass over all captions (the train stream drops partial batches)."""
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        return max(1, self.num_samples // global_batch_size)
+
+
+def dataset_metadata(name: str, data_dir, split: str = "train") -> DatasetMeta:
+    """DatasetMeta of a split (reads the captions once; no image decoding)."""
+    index = split_index(name, data_dir, split)
+    return DatasetMeta(name, split, index.num_images, index.num_captions,
+                       int(np.unique(index.image_pids).size))
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got process_index={process_index}, "
+                         f"process_count={process_count}")
+
+
+def _host_split(split: str, process_index: int, process_count: int) -> str:
+    if process_count == 1:
+        return split
+    return tfds.even_splits(split, n=process_count)[process_index]
+
+
+def _host_image_counts(builder, split: str, process_count: int) -> list[int]:
+    """Images per host for split (tfds.even_splits sizes)."""
+    if process_count == 1:
+        return [builder.info.splits[split].num_examples]
+    return [builder.info.splits[s].num_examples for s in tfds.even_splits(split, n=process_count)]
+
+
+@functools.lru_cache(maxsize=64)
+def _host_image_indices_cached(name: str, data_dir: str | None, split: str, process_index: int,
+                               process_count: int) -> np.ndarray:
+    builder = get_builder(name, data_dir)
+    ds = builder.as_dataset(split=_host_split(split, process_index, process_count), shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    return np.fromiter(ds.map(lambda ex: ex["image_index"]).as_numpy_iterator(), np.int64)
+
+
+def host_image_indices(name: str, data_dir, split: str, process_index: int = 0,
+                       process_count: int = 1) -> np.ndarray:
+    """int64 [n]: image_index of every record process `process_index` reads (in reading order)."""
+    _check_process(process_index, process_count)
+    return _host_image_indices_cached(name, None if data_dir is None else str(data_dir), split,
+                                      process_index, process_count)
+
+
+def _image_size(image_size: Sequence[int]) -> tuple[int, int]:
+    size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size must be (height, width) with positive entries, got {image_size!r}")
+    return size
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.enabled = True
+    return options
+
+
+# --------------------------------------------------------------------------- training
+
+def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384, 128),
+                     batch_size: int = 64, seed: int = 0, augment: bool = True,
+                     mlm_prob: float = 0.15, process_index: int = 0, process_count: int = 1,
+                     shuffle_buffer: int | None = None, cache: bool | None = None,
+                     start_step: int = 0, num_epochs: int | None = None) -> tf.data.Dataset:
+    """The tf.data.Dataset behind `train_dataset` (same arguments); elements are dicts of tensors."""
+    size = _image_size(image_size)
+    _check_process(process_index, process_count)
+    if batch_size < 1:
+        raise ValueError(f"batch_size (per process) must be >= 1, got {batch_size}")
+    if not 0.0 <= mlm_prob <= 1.0:
+        raise ValueError(f"mlm_prob must be in [0, 1], got {mlm_prob}")
+    builder = get_builder(name, data_dir)
+    _check_split(builder, split)
+    index = split_index(name, data_dir, split)
+    host_split = _host_split(split, process_index, process_count)
+    local_images = host_image_indices(name, data_dir, split, process_index, process_count)
+    num_local = int(index.caption_count[local_images].sum())
+    if num_local < batch_size:
+        raise ValueError(f"{name!r} split {split!r}: process {process_index} has {num_local} caption "
+                         f"samples, fewer than batch_size={batch_size}")
+
+    tokens = tf.constant(index.token_ids)
+    starts = tf.constant(index.caption_start)
+    counts = tf.constant(index.caption_count)
+
+    def per_caption(ex):
+        i = ex["image_index"]
+        n = counts[i]
+        return tf.data.Dataset.from_tensor_slices({
+            "image": tf.fill([n], ex["image"]),
+            "row": starts[i] + tf.range(n, dtype=tf.int64),
+            "pid": tf.fill([n], ex["pid"]),
+            "image_index": tf.fill([n], i),
+        })
+
+    ds = builder.as_dataset(split=host_split, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.flat_map(per_caption)
+    if cache is None:
+        cache = builder.info.dataset_size < _CACHE_LIMIT_BYTES
+    if cache:
+        ds = ds.cache()
+    buffer = shuffle_buffer or min(num_local, _DEFAULT_SHUFFLE_BUFFER)
+    ds = ds.shuffle(buffer, seed=seed * 1_000_003 + process_index, reshuffle_each_iteration=True)
+    ds = ds.repeat(num_epochs)
+    ds = ds.enumerate()
+    if start_step:
+        ds = ds.skip(int(start_step) * batch_size)
+    base_seed = tf.constant([seed, process_index], tf.int64)
+
+    def transform(position, sample):
+        seeds = preprocess.sample_seeds(base_seed, position)
+        text_ids = tf.gather(tokens, sample["row"])
+        out = {
+            "images": preprocess.train_image(sample["image"], size, seeds, augment=augment),
+            "text_ids": text_ids,
+            "pids": tf.cast(sample["pid"], tf.int32),
+            "image_ids": tf.cast(sample["image_index"], tf.int32),
+        }
+        out["mlm_ids"], out["mlm_labels"] = preprocess.mlm_mask(text_ids, seeds[3], mlm_prob)
+        return out
+
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def train_dataset(name: str, data_dir, split: str = "train", image_size=(384, 128),
+                  batch_size: int = 64, seed: int = 0, augment: bool = True,
+                  mlm_prob: float = 0.15, process_index: int = 0, process_count: int = 1,
+                  shuffle_buffer: int | None = None, cache: bool | None = None,
+                  start_step: int = 0, num_epochs: int | None = None) -> Iterator[dict]:
+    """Endless (num_epochs=None) iterator of training batches for this process.
+
+    Args:
+      name: builder name, optionally with config ("synthetic_people/tiny").
+      data_dir: TFDS data dir holding the prepared data set.
+      split: split to read ("train").
+      image_size: (H, W) network input size.
+      batch_size: rows per batch for THIS process (global batch = batch_size * process_count).
+      seed: base seed of shuffling, augmentation and MLM masking.
+      augment: IRRA train transform (flip, pad-crop, erasing) if True; resize+normalize otherwise.
+      mlm_prob: MLM selection probability (IRRA: 0.15).
+      process_index, process_count: this host and the number of hosts (disjoint shards).
+      shuffle_buffer: shuffle buffer in caption samples (default min(local samples, 16384)).
+      cache: keep encoded samples in memory (default: when the data set is < 2 GiB).
+      start_step: skip this many batches (resume), without decoding them.
+      num_epochs: None = repeat forever.
+
+    Yields dicts of NumPy arrays: images float32 [B,H,W,3] (normalized NHWC), text_ids int32
+    [B,77], mlm_ids int32 [B,77], mlm_labels int32 [B,77] (0 = ignore), pids int32 [B],
+    image_ids int32 [B] (the image_index).
+    """
+    ds = train_tf_dataset(name, data_dir, split, image_size, batch_size, seed, augment, mlm_prob,
+                          process_index, process_count, shuffle_buffer, cache, start_step, num_epochs)
+    return ds.as_numpy_iterator()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@dataclasses.dataclass(frozen=True)
+class EvalSizes:
+    """Per-host eval sizes: rows this host yields for real, and batches every host yields."""
+
+    num_local_images: int
+    num_local_queries: int
+    num_gallery_batches: int
+    num_query_batches: int
+
+
+def eval_sizes(name: str, data_dir, split: str = "test", batch_size: int = 64,
+               process_index: int = 0, process_count: int = 1) -> EvalSizes:
+    """Sizes of eval_gallery / eval_queries for this host (batches are equal on all hosts)."""
+    _check_process(process_index, process_count)
+    builder = get_builder(name, data_dir)
+    _check_split(builder, split)
+    index = split_index(name, data_dir, split)
+    image_counts = _host_image_counts(builder, split, process_count)
+    query_counts = [len(r) for r in np.array_split(np.arange(index.num_captions), process_count)]
+    return EvalSizes(image_counts[process_index], query_counts[process_index],
+                     math.ceil(max(image_counts) / batch_size), math.ceil(max(query_counts) / batch_size))
+
+
+def _padded(batch: dict, batch_size: int, fill: dict | None = None) -> dict:
+    """Pads every array of `batch` to batch_size rows (zeros or fill[key] rows); adds `valid`."""
+    n = len(next(iter(batch.values())))
+    out = {}
+    for key, value in batch.items():
+        pad = np.zeros((batch_size - n,) + value.shape[1:], value.dtype)
+        if fill and key in fill:
+            pad[...] = fill[key]
+        out[key] = np.concatenate([value, pad]) if n < batch_size else value
+    out["valid"] = np.arange(batch_size) < n
+    return out
+
+
+def eval_gallery(name: str, data_dir, split: str = "test", image_size=(384, 128),
+                 batch_size: int = 64, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """Each image of this host's range once (test transform), in batches of batch_size.
+
+    Yields dicts: images float32 [B,H,W,3], pids int32 [B], image_ids int32 [B], valid bool [B]
+    (False on padding rows of the last batch and on the extra batches that equalize hosts).
+    """
+    size = _image_size(image_size)
+    sizes = eval_sizes(name, data_dir, split, batch_size, process_index, process_count)
+    builder = get_builder(name, data_dir)
+    ds = builder.as_dataset(split=_host_split(split, process_index, process_count), shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: {"images": preprocess.eval_image(ex["image"], size),
+                            "pids": tf.cast(ex["pid"], tf.int32),
+                            "image_ids": tf.cast(ex["image_index"], tf.int32)},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_options())
+    emitted = 0
+    for batch in ds.as_numpy_iterator():
+        emitted += 1
+        yield _padded(batch, batch_size)
+    empty = {"images": np.zeros((0, *size, 3), np.float32), "pids": np.zeros((0,), np.int32),
+             "image_ids": np.zeros((0,), np.int32)}
+    for _ in range(sizes.num_gallery_batches - emitted):
+        yield _padded(empty, batch_size)
+
+
+def eval_queries(name: str, data_dir, split: str = "test", batch_size: int = 64,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """Each caption of this host's contiguous caption range once, in batches of batch_size.
+
+    Yields dicts: text_ids int32 [B,77], pids int32 [B], image_ids int32 [B], valid bool [B].
+    Padding rows hold the empty caption [SOT, EOT, 0, ...] (safe for EOT pooling).
+    """
+    from xmr_jax.tokenizer import EOT_ID, SOT_ID
+
+    sizes = eval_sizes(name, data_dir, split, batch_size, process_index, process_count)
+    index = split_index(name, data_dir, split)
+    rows = np.array_split(np.arange(index.num_captions), process_count)[process_index]
+    empty_caption = np.zeros((CONTEXT_LENGTH,), np.int32)
+    empty_caption[:2] = (SOT_ID, EOT_ID)
+    pids = index.caption_pids.astype(np.int32)
+    image_ids = index.caption_image.astype(np.int32)
+    for b in range(sizes.num_query_batches):
+        r = rows[b * batch_size:(b + 1) * batch_size]
+        batch = {"text_ids": index.token_ids[r], "pids": pids[r], "image_ids": image_ids[r]}
+        yield _padded(batch, batch_size, fill={"text_ids": empty_caption})

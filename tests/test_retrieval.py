@@ -1,0 +1,175 @@
+"""Exhaustive / two-stage / sharded retrieval against a straightforward NumPy per-query version."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from xmr_jax import retrieval
+from xmr_jax.similarity import local_similarity
+
+
+def _norm(x):
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+def _np_local_pair(img, img_mask, txt, txt_mask, scale):
+    cos = _norm(img) @ _norm(txt).T                              # [Li, Lt]
+    if not img_mask.any():
+        return 0.0
+    best = cos[img_mask].max(axis=0)
+    return scale * float(best[txt_mask].sum())
+
+
+def _np_two_stage(qg, qt, qm, gg, gt, gm, k, direction, scale=10.0):
+    """Per-query reference: global order, top-k rescored by s_g + s_l, rest in global order."""
+    s_g = _norm(qg) @ _norm(gg).T
+    rankings = []
+    for q in range(qg.shape[0]):
+        order = np.argsort(-s_g[q], kind="stable")
+        cand, rest = order[:k], order[k:]
+        new = []
+        for g in cand:
+            if direction == "t2i":
+                s_l = _np_local_pair(gt[g], gm[g], qt[q], qm[q], scale)
+            else:
+                s_l = _np_local_pair(qt[q], qm[q], gt[g], gm[g], scale)
+            new.append(s_g[q, g] + s_l)
+        cand = cand[np.argsort(-np.asarray(new), kind="stable")]
+        rankings.append(np.concatenate([cand, rest]))
+    return np.stack(rankings), s_g
+
+
+def _problem(seed, n_q, n_g, direction, d=8):
+    rng = np.random.default_rng(seed)
+    l_img, l_txt = 6, 5
+    lq, lg = (l_txt, l_img) if direction == "t2i" else (l_img, l_txt)
+    qg = rng.normal(size=(n_q, d)).astype(np.float32)
+    gg = rng.normal(size=(n_g, d)).astype(np.float32)
+    qt = rng.normal(size=(n_q, lq, d)).astype(np.float32)
+    gt = rng.normal(size=(n_g, lg, d)).astype(np.float32)
+    qm = rng.random((n_q, lq)) < 0.7
+    gm = rng.random((n_g, lg)) < 0.7
+    qm[:, 0] = True
+    gm[:, 0] = True
+    return qg, qt, qm, gg, gt, gm
+
+
+def _ranking(scores):
+    return np.argsort(-np.asarray(scores), axis=1, kind="stable")
+
+
+# Shapes shared with the sharded test so the single-device compile is reused (fast tests).
+@pytest.mark.parametrize("direction,n_g,k", [("t2i", 29, 6), ("i2t", 21, 5)])
+def test_two_stage_matches_numpy_per_query(direction, n_g, k):
+    qg, qt, qm, gg, gt, gm = _problem(0, 10, n_g, direction)
+    want, s_g = _np_two_stage(qg, qt, qm, gg, gt, gm, k, direction)
+    rows, (cidx, cscores) = retrieval.two_stage_scores(
+        qg, qt, qm, gg, gt, gm, k=k, direction=direction, query_chunk=3, return_candidates=True)
+    assert rows.shape == (10, n_g)
+    np.testing.assert_array_equal(_ranking(rows), want)
+    np.testing.assert_array_equal(np.asarray(cidx), want[:, :k])
+    # rescored scores are s_g + s_l of the candidates, in descending order
+    local = retrieval.exhaustive_local(qt, qm, gt, gm, direction)
+    expect = np.take_along_axis(s_g + np.asarray(local), want[:, :k], axis=1)
+    np.testing.assert_allclose(np.asarray(cscores), expect, rtol=1e-5, atol=1e-5)
+    # outside the top k: exact global scores and global order (a miss stays a miss)
+    rest = want[:, k:]
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(rows), rest, axis=1),
+                               np.take_along_axis(s_g, rest, axis=1), atol=1e-6)
+    global_order = np.argsort(-s_g, axis=1, kind="stable")
+    np.testing.assert_array_equal(rest, global_order[:, k:])
+
+
+def test_outside_topk_keeps_global_order_even_if_local_is_better():
+    # Gallery item 2 is globally last but locally perfect: it must stay last for k=2.
+    d = 4
+    e = np.eye(d, dtype=np.float32)
+    qg = e[:1]
+    gg = np.stack([e[0], e[0] + 0.5 * e[1], -e[0]])
+    qt = np.stack([e[0], e[1]])[None]                        # text query: two words
+    qm = np.ones((1, 2), bool)
+    gt = np.stack([np.stack([-e[2], -e[3]]), np.stack([-e[2], -e[3]]), np.stack([e[0], e[1]])])
+    gm = np.ones((3, 2), bool)
+    rows = retrieval.two_stage_scores(qg, qt, qm, gg, gt, gm, k=2, direction="t2i")
+    np.testing.assert_array_equal(_ranking(rows)[0], [0, 1, 2])
+    rows_all = retrieval.two_stage_scores(qg, qt, qm, gg, gt, gm, k=3, direction="t2i")
+    assert _ranking(rows_all)[0, 0] == 2                     # reranked when in the pool
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_k_at_least_gallery_equals_exhaustive(direction):
+    qg, qt, qm, gg, gt, gm = _problem(1, 9, 13, direction)
+    exhaustive = retrieval.exhaustive_two_stage_equivalent(qg, qt, qm, gg, gt, gm, direction)
+    rows = retrieval.two_stage_scores(qg, qt, qm, gg, gt, gm, k=50, direction=direction)
+    np.testing.assert_array_equal(_ranking(rows), _ranking(exhaustive))
+    want, _ = _np_two_stage(qg, qt, qm, gg, gt, gm, 13, direction)
+    np.testing.assert_array_equal(_ranking(exhaustive), want)
+
+
+def test_exhaustive_local_direction():
+    qg, qt, qm, gg, gt, gm = _problem(2, 4, 5, "t2i")
+    t2i = retrieval.exhaustive_local(qt, qm, gt, gm, "t2i", local_scale=3.0)
+    np.testing.assert_allclose(np.asarray(t2i), np.asarray(local_similarity(gt, gm, qt, qm, 3.0)).T)
+    i2t = retrieval.exhaustive_local(gt, gm, qt, qm, "i2t", local_scale=3.0)
+    np.testing.assert_allclose(np.asarray(i2t), np.asarray(t2i).T, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(retrieval.exhaustive_global(qg, gg)),
+                               _norm(qg) @ _norm(gg).T, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction,n_g,k", [("t2i", 29, 6), ("i2t", 21, 5)])
+def test_sharded_over_8_devices_equals_single_device(direction, n_g, k):
+    assert len(jax.devices()) >= 8, "tests/conftest.py should give 8 CPU devices"
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    qg, qt, qm, gg, gt, gm = _problem(3, 10, n_g, direction)
+    rows, (ci, cs) = retrieval.two_stage_scores(qg, qt, qm, gg, gt, gm, k=k, direction=direction,
+                                                return_candidates=True, query_chunk=3)
+    srows, (sci, scs) = retrieval.sharded_two_stage_scores(
+        qg, qt, qm, gg, gt, gm, k=k, direction=direction, mesh=mesh, return_candidates=True,
+        query_chunk=3)
+    assert srows.shape == (10, n_g)
+    np.testing.assert_allclose(np.asarray(srows), np.asarray(rows), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(sci), np.asarray(ci))
+    np.testing.assert_allclose(np.asarray(scs), np.asarray(cs), rtol=1e-5, atol=1e-5)
+    want, _ = _np_two_stage(qg, qt, qm, gg, gt, gm, k, direction)
+    np.testing.assert_array_equal(_ranking(srows), want)
+    if direction == "i2t":
+        return
+    idx, sc = retrieval.topk_search(qg, gg, k=8, query_tokens=qt, query_mask=qm, gallery_tokens=gt,
+                                    gallery_mask=gm, rerank_k=k, direction=direction)
+    sidx, ssc = retrieval.topk_search(qg, gg, k=8, query_tokens=qt, query_mask=qm,
+                                      gallery_tokens=gt, gallery_mask=gm, rerank_k=k,
+                                      direction=direction, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(idx), want[:, :8])
+    np.testing.assert_array_equal(np.asarray(sidx), want[:, :8])
+    np.testing.assert_allclose(np.asarray(ssc), np.asarray(sc), rtol=1e-5, atol=1e-5)
+
+
+def test_topk_search_scores_global_and_two_stage():
+    qg, qt, qm, gg, gt, gm = _problem(4, 7, 15, "t2i")
+    s_g = _norm(qg) @ _norm(gg).T
+    idx, sc = retrieval.topk_search(qg, gg, k=4, query_chunk=3)
+    np.testing.assert_array_equal(np.asarray(idx), np.argsort(-s_g, axis=1)[:, :4])
+    np.testing.assert_allclose(np.asarray(sc), np.sort(s_g, axis=1)[:, ::-1][:, :4], atol=1e-6)
+
+    want, _ = _np_two_stage(qg, qt, qm, gg, gt, gm, 3, "t2i")
+    idx, sc = retrieval.topk_search(qg, gg, k=6, query_tokens=qt, query_mask=qm,
+                                    gallery_tokens=gt, gallery_mask=gm, rerank_k=3)
+    np.testing.assert_array_equal(np.asarray(idx), want[:, :6])
+    s_l = np.asarray(retrieval.exhaustive_local(qt, qm, gt, gm, "t2i"))
+    natural = np.take_along_axis(s_g, want[:, :6], axis=1)
+    natural[:, :3] += np.take_along_axis(s_l, want[:, :3], axis=1)   # reranked: s_g + s_l
+    np.testing.assert_allclose(np.asarray(sc), natural, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_raise():
+    qg, qt, qm, gg, gt, gm = _problem(5, 3, 4, "t2i")
+    with pytest.raises(ValueError, match="direction"):
+        retrieval.two_stage_scores(qg, qt, qm, gg, gt, gm, k=2, direction="x2y")
+    with pytest.raises(ValueError, match="k"):
+        retrieval.two_stage_scores(qg, qt, qm, gg, gt, gm, k=0)
+    with pytest.raises(ValueError, match="gallery_tokens"):
+        retrieval.two_stage_scores(qg, qt, qm, gg, gt[:2], gm[:2], k=2)
+    with pytest.raises(ValueError, match="k must be"):
+        retrieval.topk_search(qg, gg, k=9)

@@ -1,0 +1,159 @@
+"""Trainer: loss goes down, 8 devices == 1 device, resume == uninterrupted, SIGTERM, bad configs.
+
+Runs the real train loop (`xmr_jax.train.train`) on deterministic synthetic numpy batches with a
+tiny IRRA (sdm+id+mlm), so these tests need no TensorFlow.
+"""
+
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from xmr_jax import checkpoints, train
+
+CONTEXT = 16
+NUM_CLASSES = 6
+
+
+def tiny_config(**overrides):
+    config = demo.get_config("batch_size=8,epochs=2")
+    config.model.clip.update(dict(
+        image_size=(16, 16), patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+        text_width=32, text_layers=1, text_heads=2, embed_dim=32, context_length=CONTEXT,
+    ))
+    config.model.cross_depth = 1
+    config.model.mlm_max_predictions = 4
+    config.data.image_size = (16, 16)
+    config.num_classes = NUM_CLASSES
+    config.log_every = 2
+    config.ckpt_every_steps = 2
+    config.progress_bar = False
+    config.async_checkpoints = False
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def batch_for_step(step: int, batch_size: int = 8) -> dict:
+    """The batch of a given step depends only on the step, as the tf.data pipeline guarantees."""
+    rng = np.random.default_rng(step % 3)  # three distinct batches, repeated
+    ids = np.zeros((batch_size, CONTEXT), np.int32)
+    ids[:, 0] = 49406
+    ids[:, 1:8] = rng.integers(1, 400, size=(batch_size, 7))
+    ids[:, 8] = 49407
+    labels = np.zeros_like(ids)
+    labels[:, 2] = ids[:, 2]
+    mlm_ids = ids.copy()
+    mlm_ids[:, 2] = 49405
+    pids = rng.integers(0, NUM_CLASSES, size=batch_size).astype(np.int32)
+    images = rng.standard_normal((batch_size, 16, 16, 3)).astype(np.float32)
+    images += pids[:, None, None, None].astype(np.float32) * 0.5  # learnable signal
+    return {"images": images, "text_ids": ids, "mlm_ids": mlm_ids, "mlm_labels": labels,
+            "pids": pids, "image_ids": np.arange(batch_size, dtype=np.int32)}
+
+
+def iterator_from(start_step: int, on_step=None):
+    step = start_step
+    while True:
+        step += 1
+        if on_step:
+            on_step(step)
+        yield batch_for_step(step)
+
+
+def flat_params(state) -> np.ndarray:
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
+
+
+def test_loss_decreases(tmp_path):
+    config = tiny_config()
+    config.num_epochs = 1
+    config.log_every = 1
+    result = train.train(config, str(tmp_path), iterator_from, steps_per_epoch=30)
+    losses = [float(line.split('"loss": ')[1].split(",")[0])
+              for line in open(tmp_path / "metrics.jsonl") if '"split": "train"' in line]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert int(result.state.step) == 30
+    assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_eight_devices_equal_one_device(tmp_path):
+    assert jax.device_count() == 8
+    config = tiny_config()
+    config.num_epochs = 1
+    # IRRA's Adam eps (1e-3) keeps near-zero gradients from being blown up to +-lr by Adam's
+    # normalization, so the comparison sees only the float32 rounding of the reductions.
+    config.optim.eps = 1e-3
+    one = train.train(config, str(tmp_path / "one"), iterator_from, steps_per_epoch=2, devices=jax.devices()[:1])
+    eight = train.train(config, str(tmp_path / "eight"), iterator_from, steps_per_epoch=2)
+    assert len(jax.tree.leaves(eight.state.params)[0].sharding.device_set) == 8
+    # Same math, different reduction order across devices: float32 rounding only.
+    np.testing.assert_allclose(flat_params(one.state), flat_params(eight.state), rtol=1e-4, atol=2e-6)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    config = tiny_config()
+    full = train.train(config, str(tmp_path / "full"), iterator_from, steps_per_epoch=4)
+
+    def stop_at_5(step):
+        if step == 5:
+            checkpoints.request_stop()
+
+    part_dir = str(tmp_path / "part")
+    first = train.train(config, part_dir, lambda s: iterator_from(s, stop_at_5), steps_per_epoch=4)
+    assert first.stopped and int(first.state.step) == 6  # stop is honoured at the next log step
+    resumed = train.train(config, part_dir, iterator_from, steps_per_epoch=4)
+    assert not resumed.stopped and int(resumed.state.step) == 8
+    np.testing.assert_allclose(flat_params(full.state), flat_params(resumed.state), rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    def sigterm_at_3(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = tiny_config()
+    result = train.train(config, str(tmp_path), lambda s: iterator_from(s, sigterm_at_3), steps_per_epoch=4)
+    assert result.stopped
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert checkpoints.Checkpointer(str(tmp_path)).latest_step() == 4
+    resumed = train.train(config, str(tmp_path), iterator_from, steps_per_epoch=4)
+    assert int(resumed.state.step) == 8
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    def poisoned(start):
+        for step, batch in enumerate(iterator_from(start), start=start + 1):
+            if step >= 5:
+                batch["images"] = np.full_like(batch["images"], np.nan)
+            yield batch
+
+    config = tiny_config()
+    with pytest.raises(train.TrainingDiverged, match="NaN/Inf.*last good checkpoint \\(step 4\\)"):
+        train.train(config, str(tmp_path), poisoned, steps_per_epoch=4)
+    ckpt = checkpoints.Checkpointer(str(tmp_path))
+    assert ckpt.latest_step() == 4
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("loss_names", "sdm+foo", "config.loss_names='sdm\\+foo'.*unknown loss \\['foo'\\]"),
+    ("batch_size", 12, "config.batch_size=12 must be a positive multiple of the number of devices in the mesh \\(8"),
+    ("precision", "fp8", "config.precision='fp8'"),
+    ("model_family", "bert", "config.model_family='bert'"),
+])
+def test_bad_config_names_the_field(field, value, message):
+    config = tiny_config()
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+        train.validate_config(config)
+
+
+def test_missing_init_checkpoint_names_the_field(tmp_path):
+    config = tiny_config()
+    config.model.init_checkpoint = str(tmp_path / "ViT-B-16.pt")
+    with pytest.raises(FileNotFoundError, match="config.model.init_checkpoint=.*ViT-B-16.pt.*does not exist"):
+        train.validate_config(config)
