@@ -53,9 +53,10 @@ def resize(image: tf.Tensor, size: tuple[int, int], antialias: bool = False) -> 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
     """float [..., 3] in 0..255 -> (x / 255 - CLIP_MEAN) / CLIP_STD."""
-    mean = tf.constant(CLIP_MEAN, tf.float32)
-    std = tf.constant(CLIP_STD, tf.float32)
-    return (tf.cast(image, tf.float32) / 255.0 - mean) / std
+    # One fused multiply-add: x * (1 / (255 std)) - mean / std.
+    scale = tf.constant([1.0 / (255.0 * s) for s in CLIP_STD], tf.float32)
+    offset = tf.constant([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], tf.float32)
+    return tf.cast(image, tf.float32) * scale + offset
 
 
 def pad_and_crop(image: tf.Tensor, offset_y, offset_x, pad: int = PAD) -> tf.Tensor:
@@ -107,8 +108,7 @@ def erase(image: tf.Tensor, top, left, h, w, value=CLIP_MEAN) -> tf.Tensor:
     rows = tf.range(tf.shape(image)[0])
     cols = tf.range(tf.shape(image)[1])
     inside = ((rows >= top) & (rows < top + h))[:, None] & ((cols >= left) & (cols < left + w))[None, :]
-    fill = tf.broadcast_to(tf.constant(value, image.dtype), tf.shape(image))
-    return tf.where(inside[:, :, None], fill, image)
+    return tf.where(inside[:, :, None], tf.constant(value, image.dtype), image)  # broadcasts
 
 
 def random_erase(image: tf.Tensor, seed: tf.Tensor, prob: float = ERASE_PROB, scale=ERASE_SCALE,
@@ -118,8 +118,7 @@ def random_erase(image: tf.Tensor, seed: tf.Tensor, prob: float = ERASE_PROB, sc
     apply = draws[0] < prob
     found, top, left, h, w = erasing_box(tf.shape(image)[0], tf.shape(image)[1],
                                          tf.reshape(draws[1:], [attempts, 4]), scale, ratio)
-    erased = erase(image, top, left, h, w, value)
-    return tf.where(apply & found, erased, image)
+    return tf.cond(apply & found, lambda: erase(image, top, left, h, w, value), lambda: image)
 
 
 def sample_seeds(base_seed: tf.Tensor, position: tf.Tensor) -> tf.Tensor:

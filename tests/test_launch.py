@@ -141,15 +141,24 @@ def test_tpu_stubbed_run_reuses_or_creates(tpu_env, exists):
 
 
 def test_tpu_tarball_is_built_and_copied(tpu_env, tmp_path):
-    if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode:
-        pytest.skip("not a git checkout")
+    """Runs in a throwaway clone (the launcher calls `git stash create`; the real repo is left alone)."""
+    clone = tmp_path / "clone"
+    res = subprocess.run(["git", "clone", "-q", "--depth=1", f"file://{REPO}", str(clone)],
+                         capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip(f"cannot clone the repository: {res.stderr[-300:]}")
+    (clone / "launch").mkdir(exist_ok=True)
+    shutil.copy(TPU, clone / "launch" / "tpu_pod.sh")  # the version under test
+    (clone / "configs" / "demo.py").write_text("# edited, uncommitted\n" + (REPO / "configs" / "demo.py").read_text())
     env, log = tpu_env
     env["DESCRIBE_RC"] = "0"
-    res = _run(TPU, ["--tpu-name", "pod2"], env)
+    res = _run(clone / "launch" / "tpu_pod.sh", ["--tpu-name", "pod2"], env, cwd=clone)
     assert res.returncode == 0, res.stderr
     tarball = tmp_path / "xmr_jax_pod2.tar.gz"
-    listing = subprocess.run(["tar", "-tzf", str(tarball)], capture_output=True, text=True).stdout
+    listing = subprocess.run(["tar", "-tzf", str(tarball)], capture_output=True, text=True).stdout.split()
     assert "configs/demo.py" in listing and "pyproject.toml" in listing
+    shipped = subprocess.run(["tar", "-xzOf", str(tarball), "configs/demo.py"], capture_output=True, text=True)
+    assert shipped.stdout.startswith("# edited, uncommitted"), "uncommitted edits of tracked files ship"
     scp = [c for c in log.read_text().splitlines() if " scp " in c]
     assert scp == [f"gcloud compute tpus tpu-vm scp {tarball} pod2:~/xmr_jax.tar.gz "
                    "--zone=us-central2-b --project=proj-1 --worker=all"]

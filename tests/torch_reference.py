@@ -142,3 +142,25 @@ def random_token_ids(rng: np.random.Generator, batch: int, context: int = 77, vo
         ids[b, 1:1 + n] = rng.integers(1, vocab - 3, size=n)
         ids[b, 1 + n] = vocab - 1
     return ids
+
+
+class _Node(torch.nn.Module):
+    """Parameter holder for `save_torchscript`; identity forward so it can be scripted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def save_torchscript(state_dict: dict, path: str) -> str:
+    """Save a TorchScript archive whose `.state_dict()` is `state_dict` (like OpenAI's ViT-B-16.pt)."""
+    root = _Node()
+    for key, value in state_dict.items():
+        *mods, leaf = key.split(".")
+        node = root
+        for name in mods:
+            if not hasattr(node, name):
+                node.add_module(name, _Node())
+            node = getattr(node, name)
+        node.register_parameter(leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+    torch.jit.script(root).save(path)
+    return path

@@ -179,14 +179,12 @@ def export_jax(model, params, out_dir: str, image_shape: Sequence[int] | None = 
         fn = fns[method]
         if params_as_argument:
             exported = jax.export.export(jax.jit(fn), platforms=platforms)(params_spec, specs[method])
-            out_avals = exported.out_avals
-        else:
+        else:  # params closed over: baked into the StableHLO as constants
             bound = jax.jit(lambda x, fn=fn: fn(params, x))
             exported = jax.export.export(bound, platforms=platforms)(specs[method])
-            out_avals = exported.out_avals
         with open(os.path.join(out_dir, filename), "wb") as f:
             f.write(exported.serialize())
-        out_tree = jax.tree.unflatten(exported.out_tree, list(out_avals))
+        out_tree = jax.tree.unflatten(exported.out_tree, list(exported.out_avals))
         meta[method] = {
             "file": filename,
             "calling_convention_version": exported.calling_convention_version,

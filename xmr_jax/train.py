@@ -120,10 +120,11 @@ def init_params(model, config, image_size, rng) -> dict:
     params = jax.jit(lambda r: model.init(r, dummy)["params"])(rng)
     init = config.model.get("init_checkpoint")
     if init:
-        from xmr_jax.convert import load_clip, check_params_match
+        from xmr_jax.convert import check_params, load_clip
 
-        _, clip_params = load_clip(init, image_size=tuple(image_size))
-        check_params_match(params["base_model"], clip_params, where=f"config.model.init_checkpoint={init}")
+        clip = model.base_model
+        _, clip_params = load_clip(init, image_size=tuple(image_size), scan_layers=clip.scan_layers)
+        check_params(clip_params, clip, what=f"config.model.init_checkpoint={init}")
         params = {**params, "base_model": jax.tree.map(jnp.asarray, clip_params)}
     return params
 

@@ -1,0 +1,219 @@
+"""Checkpoint import/export: parity with transformers.CLIPModel (float32, <= 1e-5), OpenAI key layout,
+positional-embedding resize vs torch, error messages, CLI and formats, HF export round trip."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tests import torch_reference as ref  # noqa: E402
+from xmr_jax.convert import (CheckpointMismatchError, hf_state_dict_to_params, load_clip,  # noqa: E402
+                             openai_state_dict_to_params, resize_positional_embedding, to_hf_clip)
+from xmr_jax.convert.__main__ import main as convert_main  # noqa: E402
+from xmr_jax.models.clip import clip_from_config, clip_param_shapes  # noqa: E402
+
+TOL = 1e-5
+HEADS = dict(vision_heads=4, text_heads=4)  # tiny model: heads != width // 64
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def run(model, params, images, ids):
+    return model.apply({"params": params}, images, ids)
+
+
+def _image_only(model, params, images):
+    return jax.jit(functools.partial(model.apply, method="encode_image"))({"params": params}, images)
+
+
+def _assert_tree_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return ref.tiny_hf_clip(seed=0)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((2, 32, 32, 3)).astype(np.float32), ref.random_token_ids(rng, 3)
+
+
+@pytest.fixture(scope="module")
+def converted(hf):
+    return hf_state_dict_to_params(hf.state_dict(), hf.config)
+
+
+@pytest.fixture(scope="module")
+def openai_pt(hf, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("openai") / "tiny_clip.pt")
+    torch.save(ref.hf_to_openai_state_dict(hf), path)
+    return path
+
+
+# ---------------------------------------------------------------- positional embedding resize
+
+
+@pytest.mark.parametrize("old,new", [((14, 14), (24, 8)), ((4, 4), (6, 10)), ((3, 5), (3, 5))])
+def test_resize_positional_embedding_matches_torch(old, new):
+    c = 32
+    pos = (np.random.default_rng(0).standard_normal((1 + old[0] * old[1], c)) * c ** -0.5).astype(np.float32)
+    out = resize_positional_embedding(pos, old, new)
+    want = ref.bilinear_resize_pos_torch(torch.from_numpy(pos), old, new).numpy()
+    assert out.shape == (1 + new[0] * new[1], c) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[0], pos[0])
+    assert np.abs(out - want).max() <= 1e-6
+    with pytest.raises(ValueError, match="expected shape"):
+        resize_positional_embedding(pos[1:], old, new)
+
+
+# ---------------------------------------------------------------- parity with transformers
+
+
+def test_hf_import_matches_torch_square(hf, converted, inputs):
+    model, params = converted
+    assert model.image_size == (32, 32) and model.vision_heads == 4 and model.embed_dim == 32
+    images, ids = inputs
+    (ig, itok, _), (tg, ttok, _) = run(model, params, images, ids)
+    rg, rtok = ref.hf_image_features(hf, images)
+    assert np.abs(ig - rg).max() <= TOL and np.abs(itok - rtok).max() <= TOL
+    rg, rtok = ref.hf_text_features(hf, ids)
+    assert np.abs(tg - rg).max() <= TOL and np.abs(ttok - rtok).max() <= TOL
+    # the reference itself is consistent with CLIPModel's own embeddings
+    with torch.no_grad():
+        emb = hf.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
+    emb = getattr(emb, "pooler_output", emb)
+    np.testing.assert_allclose(emb.numpy(), rg, atol=1e-6)
+
+
+def test_hf_import_non_square_matches_torch_interpolation(hf):
+    model, params = hf_state_dict_to_params(hf.state_dict(), hf.config, image_size=(48, 32))
+    assert params["visual"]["positional_embedding"].shape == (1 + 6 * 4, 64)
+    images = np.random.default_rng(1).standard_normal((2, 48, 32, 3)).astype(np.float32)
+    g, tok, _ = _image_only(model, params, images)
+    rg, rtok = ref.hf_image_features(hf, images)
+    assert np.abs(g - rg).max() <= TOL and np.abs(tok - rtok).max() <= TOL
+
+
+# ---------------------------------------------------------------- OpenAI format, load_clip
+
+
+def test_openai_import_equals_hf_import(hf, converted, openai_pt, tmp_path):
+    _, params = converted
+    sd = ref.hf_to_openai_state_dict(hf)
+    model, p_openai = openai_state_dict_to_params(sd, **HEADS)
+    assert model.fields() == converted[0].fields()
+    _assert_tree_equal(p_openai, params)
+    model2, p_file = load_clip(openai_pt, **HEADS)
+    assert model2 == model
+    _assert_tree_equal(p_file, params)
+    scripted = ref.save_torchscript(sd, str(tmp_path / "ViT-tiny.pt"))
+    assert isinstance(torch.jit.load(scripted), torch.jit.ScriptModule)
+    _assert_tree_equal(load_clip(scripted, **HEADS)[1], params)
+    # default heads follow OpenAI's width // 64 rule
+    assert openai_state_dict_to_params(sd)[0].vision_heads == 1
+    # a prefixed (IRRA-style) dict with foreign keys outside the prefix
+    wrapped = {**{f"base_model.{k}": v for k, v in sd.items()}, "classifier.weight": torch.zeros(3, 4)}
+    _assert_tree_equal(openai_state_dict_to_params(wrapped, prefix="base_model.", **HEADS)[1], params)
+
+
+def test_load_clip_hf_folder_scan_and_resize(hf, converted, tmp_path):
+    hf.save_pretrained(str(tmp_path))
+    model, params = load_clip(str(tmp_path))
+    _assert_tree_equal(params, converted[1])
+    model, params = load_clip(str(tmp_path), image_size=(48, 32), scan_layers=True, dtype="bfloat16")
+    assert model.scan_layers and model.image_size == (48, 32)
+    shapes = jax.tree.map(lambda s: s.shape, clip_param_shapes(model))
+    assert shapes == jax.tree.map(np.shape, params)
+    assert params["visual"]["transformer"]["resblocks"]["ln_1"]["scale"].shape == (2, 64)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_clip(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_clip(str(tmp_path / "nowhere.pt"))
+
+
+# ---------------------------------------------------------------- error messages
+
+
+def test_mismatch_errors_name_key_and_shapes(hf):
+    sd = ref.hf_to_openai_state_dict(hf)
+    bad = dict(sd)
+    del bad["visual.transformer.resblocks.1.mlp.c_fc.bias"]
+    with pytest.raises(CheckpointMismatchError, match=r"missing.*visual\.transformer\.resblocks\.1\.mlp\.c_fc\.bias "
+                                                      r"\(expected shape \(256,\)\)"):
+        openai_state_dict_to_params(bad, **HEADS)
+    bad = {**sd, "visual.extra_head.weight": torch.zeros(5, 7)}
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected.*visual\.extra_head\.weight \(shape \(5, 7\)\)"):
+        openai_state_dict_to_params(bad, **HEADS)
+    bad = {**sd, "visual.ln_post.weight": torch.zeros(32)}
+    with pytest.raises(ValueError, match=r"'visual\.ln_post\.weight'.*expected \(64,\), got \(32,\)"):
+        openai_state_dict_to_params(bad, **HEADS)
+    hsd = dict(hf.state_dict())
+    hsd["text_projection.weight"] = torch.zeros(32, 48)
+    with pytest.raises(ValueError, match=r"'text_projection\.weight'.*expected \(32, 64\), got \(32, 48\)"):
+        hf_state_dict_to_params(hsd, hf.config)
+    cfg = hf.config.to_dict()
+    cfg["vision_config"]["hidden_act"] = "gelu"
+    with pytest.raises(ValueError, match="hidden_act"):
+        hf_state_dict_to_params(hf.state_dict(), cfg)
+    with pytest.raises(ValueError, match="unknown model override"):
+        openai_state_dict_to_params(sd, vision_head=4)
+
+
+# ---------------------------------------------------------------- CLI and our own format
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+def test_cli_writes_loadable_output(openai_pt, tmp_path, fmt):
+    out = str(tmp_path / "converted")
+    rc = convert_main(["--input", openai_pt, "--output", out, "--image_size", "48,32", "--format", fmt,
+                       "--vision_heads", "4", "--text_heads", "4"])
+    assert rc == 0
+    meta = json.load(open(os.path.join(out, "xmr_clip.json")))
+    assert meta["fields"]["image_size"] == [48, 32] and meta["params_format"] == fmt
+    model, params = load_clip(out)
+    want_model, want = load_clip(openai_pt, image_size=(48, 32), **HEADS)
+    assert model == want_model
+    _assert_tree_equal(params, want)
+    assert convert_main(["--input", str(tmp_path / "missing.pt"), "--output", out]) == 2
+
+
+# ---------------------------------------------------------------- export to transformers
+
+
+def test_to_hf_clip_round_trip(tmp_path, inputs):
+    from transformers import CLIPModel
+
+    model = clip_from_config({"preset": "tiny"})
+    rng = np.random.default_rng(5)
+
+    def draw(path, s):
+        x = 0.05 * rng.standard_normal(s.shape).astype(np.float32)
+        return x + 1.0 if path[-1].key == "scale" else x
+
+    params = jax.tree_util.tree_map_with_path(draw, clip_param_shapes(model))
+    out = to_hf_clip(model, params, str(tmp_path / "hf"))
+    hf = CLIPModel.from_pretrained(out).float().eval()
+    assert hf.config.text_config.hidden_act == "quick_gelu"
+    np.testing.assert_allclose(float(hf.logit_scale.detach()), np.log(1 / 0.07), rtol=1e-6)
+    images, ids = inputs
+    (ig, itok, _), (tg, ttok, _) = run(model, params, images, ids)
+    rg, rtok = ref.hf_image_features(hf, images)
+    assert np.abs(ig - rg).max() <= TOL and np.abs(itok - rtok).max() <= TOL
+    rg, rtok = ref.hf_text_features(hf, ids)
+    assert np.abs(tg - rg).max() <= TOL and np.abs(ttok - rtok).max() <= TOL
+    model2, params2 = load_clip(out)
+    assert model2 == model
+    _assert_tree_equal(params2, params)
+    with pytest.raises(ValueError, match="square"):
+        to_hf_clip(model.clone(image_size=(48, 32)), params, str(tmp_path / "bad"))

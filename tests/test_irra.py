@@ -1,0 +1,118 @@
+"""IRRA parity with PyTorch: forward outputs and losses, and import of an IRRA `best.pth`.
+
+The reference is benchmarks/torch_irra.py (transformers' CLIP towers + IRRA's heads and losses
+in torch), built tiny and random; its weights are converted with xmr_jax.convert.irra.
+Tolerance: float32, max abs diff <= 1e-5 on features and losses, <= 2e-5 on the 49408-way logits.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.torch_irra import TorchIRRA, irra_loss
+from tests.torch_reference import hf_to_openai_state_dict, random_token_ids, tiny_hf_clip
+from xmr_jax.convert.core import CheckpointMismatchError
+from xmr_jax.convert.irra import irra_state_dict_to_params, load_irra
+from xmr_jax.models.irra import IRRA, compute_losses
+
+NUM_CLASSES = 7
+CROSS_DEPTH = 2
+HEADS = dict(vision_heads=4, text_heads=4)  # tiny towers: not width // 64, so given explicitly
+
+
+def perturb_(module: torch.nn.Module, seed: int) -> None:
+    """Random values everywhere (LayerNorm 1/0 and zero biases would hide mapping mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def torch_irra():
+    torch.manual_seed(0)
+    model = TorchIRRA(tiny_hf_clip(seed=0), NUM_CLASSES, cross_depth=CROSS_DEPTH, cross_heads=2)
+    for name in ("cross_attn", "cross_modal_transformer", "ln_pre_t", "ln_pre_i", "ln_post", "mlm_head", "classifier"):
+        perturb_(getattr(model, name), seed=len(name))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    ids = random_token_ids(rng, batch=4, context=77, vocab=49408)
+    labels = np.where((rng.random(ids.shape) < 0.3) & (ids > 0) & (ids < 49405), ids, 0).astype(np.int32)
+    labels[:, 1] = ids[:, 1]
+    mlm_ids = np.where(labels > 0, 49405, ids).astype(np.int32)
+    return {
+        "images": rng.standard_normal((4, 32, 32, 3)).astype(np.float32),
+        "text_ids": ids.astype(np.int32), "mlm_ids": mlm_ids, "mlm_labels": labels,
+        "pids": np.array([0, 3, 0, 5], np.int32),
+    }
+
+
+def torch_outputs(model, batch):
+    with torch.no_grad():
+        out = model(torch.from_numpy(batch["images"]).permute(0, 3, 1, 2),
+                    torch.from_numpy(batch["text_ids"]).long(), torch.from_numpy(batch["mlm_ids"]).long())
+        total, parts = irra_loss(out, torch.from_numpy(batch["pids"]).long(),
+                                 torch.from_numpy(batch["mlm_labels"]).long())
+    return {k: v.numpy() for k, v in out.items()}, float(total), {k: float(v) for k, v in parts.items()}
+
+
+def check_parity(model: IRRA, params, torch_model, batch):
+    ours = model.apply({"params": params}, batch)
+    ref, ref_total, ref_parts = torch_outputs(torch_model, batch)
+    for key in ("image_feats", "text_feats", "image_logits", "text_logits"):
+        np.testing.assert_allclose(np.asarray(ours[key]), ref[key], atol=1e-5, rtol=0, err_msg=key)
+    np.testing.assert_allclose(np.asarray(ours["mlm_logits"]), ref["mlm_logits"], atol=2e-5, rtol=0)
+    total, parts = compute_losses(ours, batch, model.loss_names)
+    for name, value in ref_parts.items():
+        np.testing.assert_allclose(float(parts[name]), value, atol=1e-5, rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(float(total), ref_total, atol=1e-5, rtol=1e-6)
+
+
+def test_forward_and_losses_match_torch(torch_irra, batch):
+    clip, params, sizes = irra_state_dict_to_params({"model": torch_irra.state_dict()}, **HEADS)
+    assert sizes["num_classes"] == NUM_CLASSES and sizes["cross_depth"] == CROSS_DEPTH
+    model = IRRA(base_model=clip, loss_names=("sdm", "id", "mlm"), num_classes=NUM_CLASSES,
+                 cross_depth=CROSS_DEPTH, cross_heads=2)
+    check_parity(model, params, torch_irra, batch)
+
+
+def test_mlm_at_selected_positions_equals_all_positions(torch_irra, batch):
+    clip, params, _ = irra_state_dict_to_params(torch_irra.state_dict(), **HEADS)
+    kwargs = dict(base_model=clip, loss_names=("mlm",), num_classes=0, cross_depth=CROSS_DEPTH, cross_heads=2)
+    full = IRRA(**kwargs).apply({"params": params}, batch)
+    # Every row has at most this many targets, so the selected-position path is exact.
+    k = int((batch["mlm_labels"] != 0).sum(axis=1).max())
+    sparse = IRRA(**kwargs, mlm_max_predictions=k).apply({"params": params}, batch)
+    assert sparse["mlm_logits"].shape[1] == k
+    from xmr_jax.losses import mlm_loss
+
+    np.testing.assert_allclose(float(mlm_loss(sparse["mlm_logits"], sparse["mlm_labels"])),
+                               float(mlm_loss(full["mlm_logits"], full["mlm_labels"])), rtol=1e-6)
+
+
+def test_load_irra_best_pth_with_openai_keys(torch_irra, batch, tmp_path):
+    """A checkpoint with the reference's key names: OpenAI towers under `base_model.`, `{"model": sd}`."""
+    sd = {k: v for k, v in torch_irra.state_dict().items() if not k.startswith("base_model.")}
+    sd.update({f"base_model.{k}": v for k, v in hf_to_openai_state_dict(torch_irra.base_model).items()})
+    path = tmp_path / "best.pth"
+    torch.save({"model": sd}, path)
+    model, params = load_irra(str(path), cross_heads=2, **HEADS)
+    assert model.num_classes == NUM_CLASSES and model.cross_depth == CROSS_DEPTH
+    assert model.loss_names == ("sdm", "id", "mlm")
+    check_parity(model, params, torch_irra, batch)
+
+
+def test_bad_irra_checkpoint_names_key_and_shapes(torch_irra):
+    sd = dict(torch_irra.state_dict())
+    sd["mlm_head.dense.weight"] = torch.zeros(5, 5)
+    with pytest.raises(CheckpointMismatchError, match=r"mlm_head\.dense\.weight.*\(32, 32\).*\(5, 5\)"):
+        irra_state_dict_to_params(sd, **HEADS)
+    sd = {k: v for k, v in torch_irra.state_dict().items() if k != "ln_post.bias"}
+    with pytest.raises(CheckpointMismatchError, match=r"missing key.*ln_post\.bias"):
+        irra_state_dict_to_params(sd, **HEADS)
+    with pytest.raises(CheckpointMismatchError, match="not an IRRA checkpoint"):
+        irra_state_dict_to_params({"classifier.weight": torch.zeros(3, 4)})
