@@ -1,5 +1,8 @@
 """Train and eval input pipelines over the xmr_jax TFDS builders; yields NumPy batches.
 
+Entry points: from_config(config, process_index, process_count) -> PipelineData (what the trainer
+uses); train_dataset / eval_gallery / eval_queries / dataset_metadata / eval_sizes underneath.
+
 Data layout (see /work/contracts.md): a builder yields one example per image with `captions`;
 training uses one sample per caption.
 
@@ -255,7 +258,8 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
                      batch_size: int = 64, seed: int = 0, augment: bool = True,
                      mlm_prob: float = 0.15, process_index: int = 0, process_count: int = 1,
                      shuffle_buffer: int | None = None, cache: bool | None = None,
-                     start_step: int = 0, num_epochs: int | None = None) -> tf.data.Dataset:
+                     start_step: int = 0, num_epochs: int | None = None,
+                     flip: bool | None = None) -> tf.data.Dataset:
     """The tf.data.Dataset behind `train_dataset` (same arguments); elements are dicts of tensors."""
     size = _image_size(image_size)
     _check_process(process_index, process_count)
@@ -306,7 +310,7 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
         seeds = preprocess.sample_seeds(base_seed, position)
         text_ids = tf.gather(tokens, sample["row"])
         out = {
-            "images": preprocess.train_image(sample["image"], size, seeds, augment=augment),
+            "images": preprocess.train_image(sample["image"], size, seeds, augment=augment, flip=flip),
             "text_ids": text_ids,
             "pids": tf.cast(sample["pid"], tf.int32),
             "image_ids": tf.cast(sample["image_index"], tf.int32),
@@ -324,7 +328,8 @@ def train_dataset(name: str, data_dir, split: str = "train", image_size=(384, 12
                   batch_size: int = 64, seed: int = 0, augment: bool = True,
                   mlm_prob: float = 0.15, process_index: int = 0, process_count: int = 1,
                   shuffle_buffer: int | None = None, cache: bool | None = None,
-                  start_step: int = 0, num_epochs: int | None = None) -> Iterator[dict]:
+                  start_step: int = 0, num_epochs: int | None = None,
+                  flip: bool | None = None) -> Iterator[dict]:
     """Endless (num_epochs=None) iterator of training batches for this process.
 
     Args:
@@ -341,13 +346,15 @@ def train_dataset(name: str, data_dir, split: str = "train", image_size=(384, 12
       cache: keep encoded samples in memory (default: when the data set is < 2 GiB).
       start_step: skip this many batches (resume), without decoding them.
       num_epochs: None = repeat forever.
+      flip: random horizontal flip; None = follow `augment` (augment=False, flip=True: flip only).
 
     Yields dicts of NumPy arrays: images float32 [B,H,W,3] (normalized NHWC), text_ids int32
     [B,77], mlm_ids int32 [B,77], mlm_labels int32 [B,77] (0 = ignore), pids int32 [B],
     image_ids int32 [B] (the image_index).
     """
     ds = train_tf_dataset(name, data_dir, split, image_size, batch_size, seed, augment, mlm_prob,
-                          process_index, process_count, shuffle_buffer, cache, start_step, num_epochs)
+                          process_index, process_count, shuffle_buffer, cache, start_step, num_epochs,
+                          flip)
     return ds.as_numpy_iterator()
 
 
@@ -437,3 +444,65 @@ def eval_queries(name: str, data_dir, split: str = "test", batch_size: int = 64,
         r = rows[b * batch_size:(b + 1) * batch_size]
         batch = {"text_ids": index.token_ids[r], "pids": pids[r], "image_ids": image_ids[r]}
         yield _padded(batch, batch_size, fill={"text_ids": empty_caption})
+
+
+# --------------------------------------------------------------------------- trainer entry point
+
+@dataclasses.dataclass(frozen=True)
+class PipelineData:
+    """What the trainer needs. train_iter(start_step) / gallery_iter() / query_iter() return fresh
+    iterators of per-process NumPy batches; steps_per_epoch counts global batches."""
+
+    train_iter: object
+    gallery_iter: object
+    query_iter: object
+    num_classes: int
+    steps_per_epoch: int
+    train_meta: DatasetMeta
+    eval_sizes: EvalSizes
+
+
+def _per_process(global_batch: int, process_count: int, field: str) -> int:
+    if global_batch < 1 or global_batch % process_count:
+        raise ValueError(f"config.{field}={global_batch} must be a positive multiple of the number of "
+                         f"processes ({process_count})")
+    return global_batch // process_count
+
+
+def from_config(config, process_index: int = 0, process_count: int = 1) -> PipelineData:
+    """Builds the pipelines from a trainer config (config.data.*, batch_size, eval_batch_size, seed).
+
+    config.data: name, config_name ("" = the builder's default), data_dir ("" = TFDS default),
+    manual_dir, image_size, augment, flip, mlm_prob, train_split, eval_split, shuffle_buffer.
+    config.batch_size / config.eval_batch_size are GLOBAL; each process gets its share.
+    synthetic_people is built on first use; a real data set is built when data.manual_dir is set.
+    """
+    d = config.data
+    name = f"{d.name}/{d.config_name}" if d.get("config_name") else d.name
+    data_dir = d.get("data_dir") or None
+    manual_dir = d.get("manual_dir") or None
+    prepare = d.name == "synthetic_people" or manual_dir is not None
+    get_builder(name, data_dir, manual_dir=manual_dir, prepare=prepare)
+    batch = _per_process(int(config.batch_size), process_count, "batch_size")
+    eval_batch = _per_process(int(config.get("eval_batch_size", config.batch_size)), process_count,
+                              "eval_batch_size")
+    size = tuple(d.image_size)
+    train_split, eval_split = d.get("train_split", "train"), d.get("eval_split", "test")
+    meta = dataset_metadata(name, data_dir, train_split)
+    kwargs = dict(image_size=size, batch_size=batch, seed=int(config.seed), augment=bool(d.augment),
+                  flip=d.get("flip"), mlm_prob=float(d.get("mlm_prob", 0.15)),
+                  process_index=process_index, process_count=process_count,
+                  shuffle_buffer=d.get("shuffle_buffer"))
+
+    def train_iter(start_step: int = 0):
+        return train_dataset(name, data_dir, train_split, start_step=start_step, **kwargs)
+
+    def gallery_iter():
+        return eval_gallery(name, data_dir, eval_split, size, eval_batch, process_index, process_count)
+
+    def query_iter():
+        return eval_queries(name, data_dir, eval_split, eval_batch, process_index, process_count)
+
+    return PipelineData(train_iter, gallery_iter, query_iter, meta.num_classes,
+                        meta.steps_per_epoch(int(config.batch_size)), meta,
+                        eval_sizes(name, data_dir, eval_split, eval_batch, process_index, process_count))

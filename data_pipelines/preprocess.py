@@ -60,7 +60,7 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
 
 
 def pad_and_crop(image: tf.Tensor, offset_y, offset_x, pad: int = PAD) -> tf.Tensor:
-    """Zero-pads `pad` px on every side and crops the original size at (offset_y, offset_x) of the padded image."""
+    """Zero-pads `pad` px on every side, then crops the original size at (offset_y, offset_x)."""
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
     return tf.slice(padded, tf.stack([offset_y, offset_x, 0]), tf.stack([height, width, 3]))
@@ -127,12 +127,18 @@ def sample_seeds(base_seed: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_split(seed, num=_NUM_SAMPLE_SEEDS)
 
 
-def train_image(encoded: tf.Tensor, size: tuple[int, int], seeds: tf.Tensor, augment: bool = True) -> tf.Tensor:
-    """IRRA train transform: encoded bytes -> normalized float32 [H, W, 3]; seeds: [>=3, 2]."""
+def train_image(encoded: tf.Tensor, size: tuple[int, int], seeds: tf.Tensor, augment: bool = True,
+                flip: bool | None = None) -> tf.Tensor:
+    """IRRA train transform: encoded bytes -> normalized float32 [H, W, 3]; seeds: [>=3, 2].
+
+    augment=True: flip, pad-crop, erase (SPEC 4). augment=False: resize + normalize, plus the random
+    flip only when flip=True. flip=None follows augment.
+    """
     image = resize(decode_image(encoded), size)
+    if flip if flip is not None else augment:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[0])
     if not augment:
         return normalize(image)
-    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
     image = random_pad_crop(image, seeds[1])
     return random_erase(normalize(image), seeds[2])
 

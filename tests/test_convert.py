@@ -126,6 +126,20 @@ def test_openai_import_equals_hf_import(hf, converted, openai_pt, tmp_path):
     _assert_tree_equal(openai_state_dict_to_params(wrapped, prefix="base_model.", **HEADS)[1], params)
 
 
+def test_openai_non_square_checkpoint(hf):
+    """IRRA-style checkpoint whose positional embedding is already on a 6x4 grid (48x32 input)."""
+    sd = ref.hf_to_openai_state_dict(hf)
+    sd["visual.positional_embedding"] = ref.bilinear_resize_pos_torch(sd["visual.positional_embedding"], (4, 4), (6, 4))
+    with pytest.raises(ValueError, match="source_image_size"):
+        openai_state_dict_to_params(sd, **HEADS)
+    model, params = openai_state_dict_to_params(sd, source_image_size=(48, 32), **HEADS)
+    assert model.image_size == (48, 32)
+    np.testing.assert_array_equal(params["visual"]["positional_embedding"], sd["visual.positional_embedding"].numpy())
+    _, want = hf_state_dict_to_params(hf.state_dict(), hf.config, image_size=(48, 32))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_load_clip_hf_folder_scan_and_resize(hf, converted, tmp_path):
     hf.save_pretrained(str(tmp_path))
     model, params = load_clip(str(tmp_path))

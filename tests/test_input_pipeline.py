@@ -97,8 +97,8 @@ def test_two_hosts_read_disjoint_halves(data_dir):
     assert len(per_host[0]) == len(per_host[1]) == 24
     assert not {i for i, _ in per_host[0]} & {i for i, _ in per_host[1]}
     assert sorted(per_host[0] + per_host[1]) == expected
-    a = next(ip.train_dataset(NAME, data_dir, image_size=SIZE, batch_size=4, process_index=0, process_count=2))
-    b = next(ip.train_dataset(NAME, data_dir, image_size=SIZE, batch_size=4, process_index=1, process_count=2))
+    a, b = (next(ip.train_dataset(NAME, data_dir, image_size=SIZE, batch_size=4, process_index=p,
+                                  process_count=2)) for p in range(2))
     assert not set(a["image_ids"].tolist()) & set(b["image_ids"].tolist())
 
 
@@ -327,7 +327,8 @@ def test_train_image_is_flip_padcrop_normalize_erase():
         padded[10:26, 10:18] = src
         candidates.append(_all_crops(padded, 16, 8))
     candidates = np.concatenate(candidates)  # [2*441, 16, 8, 3]: (flip, oy, ox)
-    op = tf.function(lambda s: pp.train_image(encoded, (16, 8), pp.sample_seeds(tf.constant([4, 0], tf.int64), s)))
+    base = tf.constant([4, 0], tf.int64)
+    op = tf.function(lambda s: pp.train_image(encoded, (16, 8), pp.sample_seeds(base, s)))
     flipped = erased_any = 0
     for s in range(40):
         out = op(tf.constant(s, tf.int64)).numpy()
@@ -341,3 +342,32 @@ def test_train_image_is_flip_padcrop_normalize_erase():
     seeds = pp.sample_seeds(tf.constant([4, 0], tf.int64), 0)
     plain = pp.train_image(encoded, (16, 8), seeds, augment=False).numpy()
     np.testing.assert_allclose(plain, norm, atol=1e-5)
+
+
+def test_from_config_and_flip_only_mode(data_dir):
+    import ml_collections
+
+    config = ml_collections.ConfigDict(dict(
+        seed=0, batch_size=8, eval_batch_size=10,
+        data=dict(name="synthetic_people", config_name="tiny", data_dir=data_dir, manual_dir="",
+                  image_size=SIZE, augment=False, flip=True, mlm_prob=0.15, train_split="train",
+                  eval_split="test", shuffle_buffer=100)))
+    data = ip.from_config(config, process_index=1, process_count=2)
+    assert (data.num_classes, data.steps_per_epoch) == (12, 6)
+    assert data.eval_sizes.num_gallery_batches == 2 and data.eval_sizes.num_query_batches == 3
+    batch = next(data.train_iter(0))
+    assert batch["images"].shape == (4, 64, 32, 3)
+    gallery = {int(i): img for b in ip.eval_gallery(NAME, data_dir, "train", SIZE, 8)
+               for i, img in zip(b["image_ids"], b["images"])}
+    flipped = 0
+    for batch in (next(data.train_iter(s)) for s in range(4)):
+        for img, i in zip(batch["images"], batch["image_ids"]):
+            ref = gallery[int(i)]
+            same, mirror = np.allclose(img, ref, atol=1e-5), np.allclose(img, ref[:, ::-1], atol=1e-5)
+            assert same or mirror  # flip only: no pad-crop, no erasing
+            flipped += mirror and not same
+    assert 0 < flipped < 16
+    assert sum(int(b["valid"].sum()) for b in data.query_iter()) == 12  # host 1's half of 24 captions
+    config.batch_size = 7
+    with pytest.raises(ValueError, match="batch_size=7 must be a positive multiple"):
+        ip.from_config(config, 0, 2)

@@ -118,7 +118,7 @@ def test_exhaustive_local_direction():
                                _norm(qg) @ _norm(gg).T, atol=1e-6)
 
 
-@pytest.mark.parametrize("direction,n_g,k", [("t2i", 29, 6), ("i2t", 21, 5)])
+@pytest.mark.parametrize("direction,n_g,k", [("t2i", 29, 6)])
 def test_sharded_over_8_devices_equals_single_device(direction, n_g, k):
     assert len(jax.devices()) >= 8, "tests/conftest.py should give 8 CPU devices"
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
@@ -134,8 +134,6 @@ def test_sharded_over_8_devices_equals_single_device(direction, n_g, k):
     np.testing.assert_allclose(np.asarray(scs), np.asarray(cs), rtol=1e-5, atol=1e-5)
     want, _ = _np_two_stage(qg, qt, qm, gg, gt, gm, k, direction)
     np.testing.assert_array_equal(_ranking(srows), want)
-    if direction == "i2t":
-        return
     idx, sc = retrieval.topk_search(qg, gg, k=8, query_tokens=qt, query_mask=qm, gallery_tokens=gt,
                                     gallery_mask=gm, rerank_k=k, direction=direction)
     sidx, ssc = retrieval.topk_search(qg, gg, k=8, query_tokens=qt, query_mask=qm,

@@ -88,7 +88,7 @@ def test_masked_image_token_never_wins_when_all_cosines_negative():
     np.testing.assert_allclose(got, _np_local(img, img_mask, txt, txt_mask)[0, 0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("blocks", [(1, 1), (2, 3), (3, 4), (4, 7), (5, 2)])
+@pytest.mark.parametrize("blocks", [(1, 1), (2, 3), (4, 7)])
 def test_block_tiling_equals_untiled(blocks):
     rng = np.random.default_rng(2)
     img, im, txt, tm = _random_case(rng, n_img=5, n_txt=7)

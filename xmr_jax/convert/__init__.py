@@ -112,7 +112,9 @@ def load_clip(path: str, image_size=None, **model_overrides: Any):
       `save_converted` / `python -m xmr_jax.convert`.
     image_size: (H, W) (or int) to run at; the image positional embedding is resized bilinearly.
     model_overrides: CLIP fields, e.g. dtype="bfloat16", scan_layers=True, remat=True, and head counts
-      (vision_heads/text_heads) for state dicts whose heads differ from OpenAI's width // 64.
+      (vision_heads/text_heads) for state dicts whose heads differ from OpenAI's width // 64; for
+      OpenAI-format files also `source_image_size=(H, W)` (the size a non-square checkpoint such as
+      IRRA's 384x128 was trained at) and `strict=False` (ignore unexpected keys).
     """
     path = os.fspath(path)
     if os.path.isdir(path):

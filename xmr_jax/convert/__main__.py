@@ -27,17 +27,22 @@ def _parse_size(text: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xmr_jax.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--input", required=True, help="OpenAI .pt/.pth/.safetensors, HF CLIPModel folder, or converted folder")
+    parser.add_argument("--input", required=True,
+                        help="OpenAI .pt/.pth/.safetensors, HF CLIPModel folder, or converted folder")
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--image_size", type=_parse_size, default=None, help="H,W to resize the positional embedding to")
+    parser.add_argument("--image_size", type=_parse_size, default=None,
+                        help="H,W to resize the positional embedding to")
     parser.add_argument("--format", choices=("msgpack", "orbax"), default="msgpack")
-    parser.add_argument("--vision_heads", type=int, default=None, help="override (default: from config or width // 64)")
-    parser.add_argument("--text_heads", type=int, default=None, help="override (default: from config or width // 64)")
+    parser.add_argument("--vision_heads", type=int, default=None, help="default: from config or width // 64")
+    parser.add_argument("--text_heads", type=int, default=None, help="default: from config or width // 64")
+    parser.add_argument("--source_image_size", type=_parse_size, default=None,
+                        help="H,W the checkpoint was trained at, for non-square grids (e.g. IRRA 384,128)")
     args = parser.parse_args(argv)
 
     from xmr_jax.convert import load_clip, save_converted
 
-    overrides = {k: v for k, v in (("vision_heads", args.vision_heads), ("text_heads", args.text_heads)) if v}
+    overrides = {k: v for k, v in (("vision_heads", args.vision_heads), ("text_heads", args.text_heads),
+                                   ("source_image_size", args.source_image_size)) if v}
     try:
         model, params = load_clip(args.input, image_size=args.image_size, **overrides)
     except (ValueError, FileNotFoundError, ImportError) as e:

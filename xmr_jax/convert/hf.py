@@ -221,7 +221,8 @@ def to_hf_clip(model: CLIP, params, out_dir: str, logit_scale: Optional[float] =
         arr = np.ascontiguousarray(inverse_transform(np.asarray(flat[path], np.float32), kind))
         if arr.shape != tuple(e.shape):
             raise CheckpointMismatchError(
-                f"to_hf_clip: parameter '{'/'.join(path)}' gives {e.src} of shape {arr.shape}, expected {tuple(e.shape)}")
+                f"to_hf_clip: parameter '{'/'.join(path)}' gives {e.src} of shape {arr.shape}, "
+                f"expected {tuple(e.shape)}")
         sd[e.src] = arr
     sd["logit_scale"] = np.asarray(logit_scale, np.float32)
     os.makedirs(out_dir, exist_ok=True)

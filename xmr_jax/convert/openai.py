@@ -12,7 +12,7 @@ OpenAI's `build_model` (override with vision_heads= / text_heads=).
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from xmr_jax.convert.core import CheckpointMismatchError, Entry, adapt_params, apply_table, source_hw
 from xmr_jax.models.clip import CLIP, CLIP_FIELDS, parse_dtype
@@ -24,7 +24,8 @@ OPENAI_IGNORED = ("logit_scale", "input_resolution", "context_length", "vocab_si
 
 def _shape(sd, key):
     if key not in sd:
-        raise CheckpointMismatchError(f"OpenAI CLIP checkpoint: missing key '{key}' (is this an OpenAI CLIP state dict?)")
+        raise CheckpointMismatchError(
+            f"CLIP checkpoint: missing key '{key}' (is this the right checkpoint format?)")
     return tuple(sd[key].shape)
 
 
