@@ -44,10 +44,12 @@ def case_config(name: str, precision: str):
 def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     b = config.batch_size
     h, w = config.data.image_size
-    words = rng.integers(1, 49405, size=(b, 30))
-    ids = np.zeros((b, 77), np.int32)
-    ids[:, 0], ids[:, 1:31], ids[:, 31] = 49406, words, 49407
-    labels = np.where(rng.random((b, 77)) < 0.15, ids, 0) * ((ids > 0) & (ids < 49405))
+    context = config.data.get("context_length", 77)
+    n_words = min(30, context - 2)  # typical caption length
+    ids = np.zeros((b, context), np.int32)
+    ids[:, 0], ids[:, n_words + 1] = 49406, 49407
+    ids[:, 1:n_words + 1] = rng.integers(1, 49405, size=(b, n_words))
+    labels = np.where(rng.random((b, context)) < 0.15, ids, 0) * ((ids > 0) & (ids < 49405))
     labels[:, 1] = np.where(labels.sum(1) == 0, ids[:, 1], labels[:, 1])
     mlm_ids = np.where(labels > 0, 49405, ids).astype(np.int32)
     return {

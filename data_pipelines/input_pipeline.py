@@ -139,7 +139,7 @@ class SplitIndex:
 
 
 @functools.lru_cache(maxsize=16)
-def _split_index(name: str, data_dir: str | None, split: str) -> SplitIndex:
+def _split_index(name: str, data_dir: str | None, split: str, context_length: int) -> SplitIndex:
     from xmr_jax.tokenizer import default_tokenizer
 
     builder = get_builder(name, data_dir)
@@ -164,13 +164,15 @@ def _split_index(name: str, data_dir: str | None, split: str) -> SplitIndex:
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     captions = [c for i in range(n) for c in records[i][1]]
     caption_image = np.repeat(np.arange(n, dtype=np.int64), counts)
-    token_ids = default_tokenizer(mask_token=True).encode(captions).astype(np.int32)
+    tokenizer = default_tokenizer(mask_token=True, context_length=context_length)
+    token_ids = tokenizer.encode(captions).astype(np.int32)
     return SplitIndex(name, split, image_pids, starts, counts, caption_image, token_ids, captions)
 
 
-def split_index(name: str, data_dir: str | os.PathLike | None, split: str) -> SplitIndex:
-    """Captions, tokens and pids of a split (read and tokenized once, then cached)."""
-    return _split_index(name, None if data_dir is None else str(data_dir), split)
+def split_index(name: str, data_dir: str | os.PathLike | None, split: str,
+                context_length: int = CONTEXT_LENGTH) -> SplitIndex:
+    """Captions, tokens [num_captions, context_length] and pids of a split (built once, cached)."""
+    return _split_index(name, None if data_dir is None else str(data_dir), split, int(context_length))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +261,7 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
                      mlm_prob: float = 0.15, process_index: int = 0, process_count: int = 1,
                      shuffle_buffer: int | None = None, cache: bool | None = None,
                      start_step: int = 0, num_epochs: int | None = None,
-                     flip: bool | None = None) -> tf.data.Dataset:
+                     flip: bool | None = None, context_length: int = CONTEXT_LENGTH) -> tf.data.Dataset:
     """The tf.data.Dataset behind `train_dataset` (same arguments); elements are dicts of tensors."""
     size = _image_size(image_size)
     _check_process(process_index, process_count)
@@ -269,7 +271,7 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
         raise ValueError(f"mlm_prob must be in [0, 1], got {mlm_prob}")
     builder = get_builder(name, data_dir)
     _check_split(builder, split)
-    index = split_index(name, data_dir, split)
+    index = split_index(name, data_dir, split, context_length)
     host_split = _host_split(split, process_index, process_count)
     local_images = host_image_indices(name, data_dir, split, process_index, process_count)
     num_local = int(index.caption_count[local_images].sum())
@@ -329,7 +331,7 @@ def train_dataset(name: str, data_dir, split: str = "train", image_size=(384, 12
                   mlm_prob: float = 0.15, process_index: int = 0, process_count: int = 1,
                   shuffle_buffer: int | None = None, cache: bool | None = None,
                   start_step: int = 0, num_epochs: int | None = None,
-                  flip: bool | None = None) -> Iterator[dict]:
+                  flip: bool | None = None, context_length: int = CONTEXT_LENGTH) -> Iterator[dict]:
     """Endless (num_epochs=None) iterator of training batches for this process.
 
     Args:
@@ -347,14 +349,15 @@ def train_dataset(name: str, data_dir, split: str = "train", image_size=(384, 12
       start_step: skip this many batches (resume), without decoding them.
       num_epochs: None = repeat forever.
       flip: random horizontal flip; None = follow `augment` (augment=False, flip=True: flip only).
+      context_length: T, the text tower's context (captions tokenized, cut and padded to T).
 
     Yields dicts of NumPy arrays: images float32 [B,H,W,3] (normalized NHWC), text_ids int32
-    [B,77], mlm_ids int32 [B,77], mlm_labels int32 [B,77] (0 = ignore), pids int32 [B],
+    [B,T], mlm_ids int32 [B,T], mlm_labels int32 [B,T] (0 = ignore), pids int32 [B],
     image_ids int32 [B] (the image_index).
     """
     ds = train_tf_dataset(name, data_dir, split, image_size, batch_size, seed, augment, mlm_prob,
                           process_index, process_count, shuffle_buffer, cache, start_step, num_epochs,
-                          flip)
+                          flip, context_length)
     return ds.as_numpy_iterator()
 
 
@@ -425,18 +428,19 @@ def eval_gallery(name: str, data_dir, split: str = "test", image_size=(384, 128)
 
 
 def eval_queries(name: str, data_dir, split: str = "test", batch_size: int = 64,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+                 process_index: int = 0, process_count: int = 1,
+                 context_length: int = CONTEXT_LENGTH) -> Iterator[dict]:
     """Each caption of this host's contiguous caption range once, in batches of batch_size.
 
-    Yields dicts: text_ids int32 [B,77], pids int32 [B], image_ids int32 [B], valid bool [B].
+    Yields dicts: text_ids int32 [B,context_length], pids int32 [B], image_ids int32 [B], valid bool [B].
     Padding rows hold the empty caption [SOT, EOT, 0, ...] (safe for EOT pooling).
     """
     from xmr_jax.tokenizer import EOT_ID, SOT_ID
 
     sizes = eval_sizes(name, data_dir, split, batch_size, process_index, process_count)
-    index = split_index(name, data_dir, split)
+    index = split_index(name, data_dir, split, context_length)
     rows = np.array_split(np.arange(index.num_captions), process_count)[process_index]
-    empty_caption = np.zeros((CONTEXT_LENGTH,), np.int32)
+    empty_caption = np.zeros((context_length,), np.int32)
     empty_caption[:2] = (SOT_ID, EOT_ID)
     pids = index.caption_pids.astype(np.int32)
     image_ids = index.caption_image.astype(np.int32)
@@ -473,7 +477,8 @@ def from_config(config, process_index: int = 0, process_count: int = 1) -> Pipel
     """Builds the pipelines from a trainer config (config.data.*, batch_size, eval_batch_size, seed).
 
     config.data: name, config_name ("" = the builder's default), data_dir ("" = TFDS default),
-    manual_dir, image_size, augment, flip, mlm_prob, train_split, eval_split, shuffle_buffer.
+    manual_dir, image_size, augment, flip, mlm_prob, train_split, eval_split, shuffle_buffer,
+    context_length (default 77; must equal the text tower's).
     config.batch_size / config.eval_batch_size are GLOBAL; each process gets its share.
     synthetic_people is built on first use; a real data set is built when data.manual_dir is set.
     """
@@ -487,12 +492,13 @@ def from_config(config, process_index: int = 0, process_count: int = 1) -> Pipel
     eval_batch = _per_process(int(config.get("eval_batch_size", config.batch_size)), process_count,
                               "eval_batch_size")
     size = tuple(d.image_size)
+    context = int(d.get("context_length", CONTEXT_LENGTH))
     train_split, eval_split = d.get("train_split", "train"), d.get("eval_split", "test")
     meta = dataset_metadata(name, data_dir, train_split)
     kwargs = dict(image_size=size, batch_size=batch, seed=int(config.seed), augment=bool(d.augment),
                   flip=d.get("flip"), mlm_prob=float(d.get("mlm_prob", 0.15)),
                   process_index=process_index, process_count=process_count,
-                  shuffle_buffer=d.get("shuffle_buffer"))
+                  shuffle_buffer=d.get("shuffle_buffer"), context_length=context)
 
     def train_iter(start_step: int = 0):
         return train_dataset(name, data_dir, train_split, start_step=start_step, **kwargs)
@@ -501,7 +507,7 @@ def from_config(config, process_index: int = 0, process_count: int = 1) -> Pipel
         return eval_gallery(name, data_dir, eval_split, size, eval_batch, process_index, process_count)
 
     def query_iter():
-        return eval_queries(name, data_dir, eval_split, eval_batch, process_index, process_count)
+        return eval_queries(name, data_dir, eval_split, eval_batch, process_index, process_count, context)
 
     return PipelineData(train_iter, gallery_iter, query_iter, meta.num_classes,
                         meta.steps_per_epoch(int(config.batch_size)), meta,

@@ -11,61 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
+from tests.train_fixtures import flat_params, iterator_from, tiny_config
 from xmr_jax import checkpoints, train
-
-CONTEXT = 16
-NUM_CLASSES = 6
-
-
-def tiny_config(**overrides):
-    config = demo.get_config("batch_size=8,epochs=2")
-    config.model.clip.update(dict(
-        image_size=(16, 16), patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
-        text_width=32, text_layers=1, text_heads=2, embed_dim=32, context_length=CONTEXT,
-    ))
-    config.model.cross_depth = 1
-    config.model.mlm_max_predictions = 4
-    config.data.image_size = (16, 16)
-    config.num_classes = NUM_CLASSES
-    config.log_every = 2
-    config.ckpt_every_steps = 2
-    config.progress_bar = False
-    config.async_checkpoints = False
-    for key, value in overrides.items():
-        config[key] = value
-    return config
-
-
-def batch_for_step(step: int, batch_size: int = 8) -> dict:
-    """The batch of a given step depends only on the step, as the tf.data pipeline guarantees."""
-    rng = np.random.default_rng(step % 3)  # three distinct batches, repeated
-    ids = np.zeros((batch_size, CONTEXT), np.int32)
-    ids[:, 0] = 49406
-    ids[:, 1:8] = rng.integers(1, 400, size=(batch_size, 7))
-    ids[:, 8] = 49407
-    labels = np.zeros_like(ids)
-    labels[:, 2] = ids[:, 2]
-    mlm_ids = ids.copy()
-    mlm_ids[:, 2] = 49405
-    pids = rng.integers(0, NUM_CLASSES, size=batch_size).astype(np.int32)
-    images = rng.standard_normal((batch_size, 16, 16, 3)).astype(np.float32)
-    images += pids[:, None, None, None].astype(np.float32) * 0.5  # learnable signal
-    return {"images": images, "text_ids": ids, "mlm_ids": mlm_ids, "mlm_labels": labels,
-            "pids": pids, "image_ids": np.arange(batch_size, dtype=np.int32)}
-
-
-def iterator_from(start_step: int, on_step=None):
-    step = start_step
-    while True:
-        step += 1
-        if on_step:
-            on_step(step)
-        yield batch_for_step(step)
-
-
-def flat_params(state) -> np.ndarray:
-    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
 
 
 def test_loss_decreases(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (optionally with :key=value,...).")
@@ -73,6 +73,8 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/xmr_demo")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not FLAGS["verbosity"].present:  # orbax/tfds INFO lines would bury the progress bar
+        logging.set_verbosity(logging.WARNING)
     from xmr_jax import parallel
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -98,6 +98,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.batch_size={config.batch_size} must be a positive multiple of the number of devices "
             f"in the mesh ({n_dev}; config.mesh.data={config.mesh.data}, config.mesh.fsdp={config.mesh.fsdp})"
         )
+    from xmr_jax.models.clip import clip_from_config
+
+    model_context = clip_from_config(config.model.clip).context_length
+    data_context = config.data.get("context_length", 77)
+    if model_context != data_context:
+        raise ValueError(
+            f"config.data.context_length={data_context} differs from the text tower's context length "
+            f"{model_context} (config.model.clip.context_length); set both to the same value"
+        )
     init = config.model.get("init_checkpoint")
     if init and not os.path.exists(init):
         raise FileNotFoundError(

@@ -1,0 +1,83 @@
+"""Shared pieces of the trainer tests: a tiny IRRA config and deterministic synthetic batches.
+
+Used by tests/test_train.py, tests/test_fsdp.py and the multi-process driver
+tests/multihost_driver.py (which imports it outside pytest), so it must not import pytest or set
+any environment variables.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from configs import demo
+
+CONTEXT = 16
+NUM_CLASSES = 6
+
+
+def tiny_config(**overrides):
+    """IRRA (sdm+id+mlm) with 1-layer width-32 towers on 16x16 images, global batch 8."""
+    config = demo.get_config("batch_size=8,epochs=2")
+    config.model.clip.update(dict(
+        image_size=(16, 16), patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+        text_width=32, text_layers=1, text_heads=2, embed_dim=32, context_length=CONTEXT,
+    ))
+    config.model.cross_depth = 1
+    config.model.mlm_max_predictions = 4
+    config.data.image_size = (16, 16)
+    config.num_classes = NUM_CLASSES
+    config.log_every = 2
+    config.ckpt_every_steps = 2
+    config.progress_bar = False
+    config.async_checkpoints = False
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def batch_for_step(step: int, batch_size: int = 8) -> dict:
+    """The GLOBAL batch of a step, depending only on the step (as the tf.data pipeline guarantees).
+
+    Returns images float32 [B,16,16,3], text_ids/mlm_ids/mlm_labels int32 [B,CONTEXT],
+    pids/image_ids int32 [B].
+    """
+    rng = np.random.default_rng(step % 3)  # three distinct batches, repeated
+    ids = np.zeros((batch_size, CONTEXT), np.int32)
+    ids[:, 0] = 49406
+    ids[:, 1:8] = rng.integers(1, 400, size=(batch_size, 7))
+    ids[:, 8] = 49407
+    labels = np.zeros_like(ids)
+    labels[:, 2] = ids[:, 2]
+    mlm_ids = ids.copy()
+    mlm_ids[:, 2] = 49405
+    pids = rng.integers(0, NUM_CLASSES, size=batch_size).astype(np.int32)
+    images = rng.standard_normal((batch_size, 16, 16, 3)).astype(np.float32)
+    images += pids[:, None, None, None].astype(np.float32) * 0.5  # learnable signal
+    return {"images": images, "text_ids": ids, "mlm_ids": mlm_ids, "mlm_labels": labels,
+            "pids": pids, "image_ids": np.arange(batch_size, dtype=np.int32)}
+
+
+def process_slice(batch: dict, process_index: int, process_count: int) -> dict:
+    """Rows [i*B/N, (i+1)*B/N) of every entry: process i's contiguous share of a global batch."""
+    b = len(next(iter(batch.values())))
+    if b % process_count:
+        raise ValueError(f"global batch {b} is not divisible by {process_count} processes")
+    n = b // process_count
+    return {k: v[process_index * n:(process_index + 1) * n] for k, v in batch.items()}
+
+
+def iterator_from(start_step: int, on_step=None, batch_size: int = 8, process_index: int = 0,
+                  process_count: int = 1):
+    """train_iter_fn for xmr_jax.train.train: this process's slice of each step's global batch."""
+    step = start_step
+    while True:
+        step += 1
+        if on_step:
+            on_step(step)
+        yield process_slice(batch_for_step(step, batch_size), process_index, process_count)
+
+
+def flat_params(state) -> np.ndarray:
+    """All parameters of a (single-process) train state, concatenated into one float vector."""
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
