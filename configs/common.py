@@ -121,3 +121,56 @@ def irra_config(dataset: str, num_classes: int, arg: str | None) -> ml_collectio
     config.precision = arg.precision
     config.eval_every_epochs = 1
     return config
+
+
+def tgdt_defaults(positives: str = "image_id") -> ml_collections.ConfigDict:
+    """config.tgdt: CMC loss and two-stage inference settings (SPEC section 6).
+
+    local_scale: scale of the token-level similarity (loss and inference); positives: "image_id"
+    (caption data: pairs of the same image are never negatives) or "pid" (same person);
+    margin / slack: CMC hinge margin and intra-modal slack; k_t2i / k_i2t: global top-k reranked
+    by s_g + s_l at inference; coco_1k_folds: 0 = off, F = also report the metrics averaged over F
+    folds of 1000 images (keys "coco_1k/..."); coco_1k_fold_size: images per fold.
+    """
+    return ml_collections.ConfigDict({
+        "local_scale": 10.0, "positives": positives, "margin": 0.2, "slack": 0.3,
+        "k_t2i": 100, "k_i2t": 50, "coco_1k_folds": 0, "coco_1k_fold_size": 1000,
+    })
+
+
+def tgdt_config(dataset: str, arg: str | None, batch_size: int, warmup_steps: int) -> ml_collections.ConfigDict:
+    """TGDT's recipe (SPEC section 6) on CLIP ViT-B/16 towers for a caption data set at 224x224.
+
+    `arg` keys: init (OpenAI CLIP checkpoint path), data_dir, manual_dir, batch_size, epochs, seed,
+    precision, positives.
+    """
+    from xmr_jax import optim
+
+    arg = parse_arg(arg, init="checkpoints/ViT-B-16.pt", data_dir="", manual_dir="",
+                    batch_size=batch_size, epochs=60, seed=1, precision="bfloat16", positives="image_id")
+    config = ml_collections.ConfigDict()
+    config.seed = arg.seed
+    config.model_family = "tgdt"
+    config.loss_names = "cmc"
+    config.num_classes = 0  # unused by TGDT (no identity classifier)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.clip = ml_collections.ConfigDict({"preset": "ViT-B/16", "image_size": (224, 224)})
+    config.model.init_checkpoint = arg.init  # OpenAI ViT-B/16 at its native 224x224
+    config.tgdt = tgdt_defaults(arg.positives)
+
+    config.data = ml_collections.ConfigDict({
+        "name": dataset, "config_name": "", "data_dir": arg.data_dir, "manual_dir": arg.manual_dir,
+        "image_size": (224, 224), "augment": False, "flip": False, "mlm_prob": 0.15,
+        "train_split": "train", "eval_split": "test", "shuffle_buffer": 50_000,
+    })
+    config.batch_size = arg.batch_size
+    config.num_epochs = ml_collections.FieldReference(arg.epochs)
+    config.optim = optim.default_tgdt_optim_config()  # Adam 1e-5, no wd, clip 2.0, x0.1 / 20 ep
+    config.optim.num_epochs = config.get_ref("num_epochs")
+    config.optim.warmup_steps = warmup_steps
+    config.optim.warmup_factor = 0.0
+    trainer_defaults(config)
+    config.precision = arg.precision
+    config.eval_every_epochs = 1
+    return config

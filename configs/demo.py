@@ -61,5 +61,5 @@ def get_config(arg=None):
     config.precision = "float32"
     config.log_every = 25
     config.ckpt_every_steps = 500
-    config.eval_batch_size = 250
+    config.eval_batch_size = 256
     return config

@@ -2,7 +2,8 @@
 
 Person retrieval (IRRA): text -> image, R1/R5/R10/mAP/mINP over pids (SPEC 5).
 Caption retrieval (TGDT): both directions, R@1/5/10 and rsum, for global-only, local-only and
-two-stage (global top-k, rerank by s_g + s_l) scoring (SPEC 6-7).
+two-stage (global top-k, rerank by s_g + s_l) scoring (SPEC 6-7); with config.tgdt.coco_1k_folds
+also the COCO 1K protocol (the same three per fold of 1000 images, averaged; keys "coco_1k/...").
 Padded rows of the last batch (valid=False) are computed and then dropped, never the real ones.
 """
 
@@ -90,6 +91,43 @@ def caption_retrieval(query: dict, gallery: dict, k_t2i: int = 100, k_i2t: int =
     }
 
 
+def _take(split: dict, rows: np.ndarray) -> dict:
+    return {k: v[rows] for k, v in split.items()}
+
+
+def coco_1k_retrieval(query: dict, gallery: dict, folds: int = 5, fold_size: int = 1000, k_t2i: int = 100,
+                      k_i2t: int = 50, local_scale: float = 10.0, mesh=None) -> dict[str, dict[str, float]]:
+    """COCO 1K protocol: `caption_retrieval` on each fold of `fold_size` images, averaged.
+
+    Fold f holds the images ranked [f * fold_size, (f + 1) * fold_size) by image id (the split's
+    image order, whatever order the evaluator gathered them in) and every caption of those
+    images. Each fold is scored on its own features, so the two-stage top-k candidates come from
+    the fold's images / captions only. Every metric, rsum included, is the mean over folds (rsum
+    is not multiplied by the number of folds).
+
+    Args:
+      query / gallery: outputs of `encode_split` (global [N,D], tokens [N,L,D], mask [N,L],
+        pids [N], image_ids [N]); the gallery must hold exactly folds * fold_size images.
+    Returns:
+      {"global": {...}, "local": {...}, "two_stage": {...}} with the keys of `caption_retrieval`.
+    """
+    n_img = len(gallery["image_ids"])
+    if folds < 1 or fold_size < 1 or n_img != folds * fold_size:
+        raise ValueError(
+            f"config.tgdt.coco_1k_folds={folds} x config.tgdt.coco_1k_fold_size={fold_size} = "
+            f"{folds * fold_size} images, but the evaluation split has {n_img} images"
+        )
+    order = np.argsort(gallery["image_ids"], kind="stable")
+    per_fold = []
+    for f in range(folds):
+        rows = order[f * fold_size:(f + 1) * fold_size]
+        txt = np.flatnonzero(np.isin(query["image_ids"], gallery["image_ids"][rows]))
+        per_fold.append(caption_retrieval(_take(query, txt), _take(gallery, rows), k_t2i=k_t2i, k_i2t=k_i2t,
+                                          local_scale=local_scale, mesh=mesh))
+    return {kind: {key: float(np.mean([m[kind][key] for m in per_fold])) for key in per_fold[0][kind]}
+            for kind in per_fold[0]}
+
+
 class Evaluator:
     """Encodes the eval split with the current params and computes the family's metrics.
 
@@ -122,6 +160,11 @@ class Evaluator:
             tcfg = self.config.tgdt
             result = caption_retrieval(query, gallery, k_t2i=tcfg.k_t2i, k_i2t=tcfg.k_i2t,
                                        local_scale=tcfg.local_scale)
+            folds = int(tcfg.get("coco_1k_folds", 0) or 0)
+            if folds:
+                one_k = coco_1k_retrieval(query, gallery, folds, int(tcfg.get("coco_1k_fold_size", 1000)),
+                                          k_t2i=tcfg.k_t2i, k_i2t=tcfg.k_i2t, local_scale=tcfg.local_scale)
+                result.update({f"coco_1k/{kind}": value for kind, value in one_k.items()})
         result_counts = {"num_queries": int(len(query["global"])), "num_gallery": int(len(gallery["global"]))}
         return {**result, **result_counts}
 

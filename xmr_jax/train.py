@@ -93,11 +93,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.precision not in ("float32", "bfloat16"):
         raise ValueError(f"config.precision={config.precision!r}: expected 'float32' or 'bfloat16'")
     n_dev = jax.device_count() if -1 in (config.mesh.data, config.mesh.fsdp) else config.mesh.data * config.mesh.fsdp
-    if config.batch_size <= 0 or config.batch_size % n_dev:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} must be a positive multiple of the number of devices "
-            f"in the mesh ({n_dev}; config.mesh.data={config.mesh.data}, config.mesh.fsdp={config.mesh.fsdp})"
-        )
+    for field in ("batch_size", "eval_batch_size"):
+        size = config.get(field, n_dev)
+        if size <= 0 or size % n_dev:
+            raise ValueError(
+                f"config.{field}={size} must be a positive multiple of the number of devices in the mesh "
+                f"({n_dev}; config.mesh.data={config.mesh.data}, config.mesh.fsdp={config.mesh.fsdp})"
+            )
     from xmr_jax.models.clip import clip_from_config
 
     model_context = clip_from_config(config.model.clip).context_length

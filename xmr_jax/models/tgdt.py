@@ -66,12 +66,32 @@ def compute_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Arr
     return loss, {"cmc_loss": loss}
 
 
-def build_tgdt(config) -> TGDT:
+def validate_tgdt_config(config) -> None:
+    """Checks config.loss_names and config.tgdt.*; raises ValueError naming the bad field."""
     names = tuple(n for n in config.loss_names.split("+") if n)
     if names != KNOWN_LOSSES:
         raise ValueError(f"config.loss_names={config.loss_names!r}: the tgdt family trains with 'cmc' only")
-    if config.tgdt.positives not in ("image_id", "pid"):
-        raise ValueError(f"config.tgdt.positives={config.tgdt.positives!r}: expected 'image_id' or 'pid'")
+    if "tgdt" not in config:
+        raise ValueError("config.tgdt is missing: the tgdt family needs config.tgdt "
+                         "(see configs/common.py: tgdt_defaults)")
+    tcfg = config.tgdt
+    if tcfg.get("positives") not in ("image_id", "pid"):
+        raise ValueError(f"config.tgdt.positives={tcfg.get('positives')!r}: expected 'image_id' or 'pid'")
+    checks = (("local_scale", lambda v: v > 0, "> 0"), ("margin", lambda v: v >= 0, ">= 0"),
+              ("slack", lambda v: v >= 0, ">= 0"), ("k_t2i", lambda v: int(v) == v and v >= 1, "an integer >= 1"),
+              ("k_i2t", lambda v: int(v) == v and v >= 1, "an integer >= 1"))
+    for field, ok, expected in checks:
+        value = tcfg.get(field)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+            raise ValueError(f"config.tgdt.{field}={value!r}: expected {expected}")
+    for field, minimum in (("coco_1k_folds", 0), ("coco_1k_fold_size", 1)):
+        value = tcfg.get(field, minimum)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"config.tgdt.{field}={value!r}: expected an integer >= {minimum}")
+
+
+def build_tgdt(config) -> TGDT:
+    validate_tgdt_config(config)
     clip_cfg = dict(config.model.clip)
     clip_cfg["dtype"] = config.precision
     return TGDT(base_model=clip_from_config(clip_cfg))

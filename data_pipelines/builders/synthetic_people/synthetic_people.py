@@ -7,9 +7,15 @@ random "original" id (a permutation of 1..num_train_ids+num_test_ids, like CUHK-
 train pids are relabelled 0..N-1 in order of original id; test pids keep the original id. The
 original id is also in each example's `path` ("train/p00017_2.png").
 
-Configs: "default" (1500/250 ids, 4 images/id, 2 captions, 64x32), "five_captions" (same, 5
-captions per image, for TGDT-style caption retrieval), "tiny" (tests), or any
-`SyntheticPeopleConfig(...)` passed as `config=`.
+Configs: "default" (1500/250 ids, 4 images/id, 2 captions, 64x32), "five_captions" (6000/1000
+ids, 1 image/id, 5 captions per image, 64x32: caption retrieval in the Flickr30K/COCO layout, see
+below), "tiny" (tests), or any `SyntheticPeopleConfig(...)` passed as `config=`.
+
+"five_captions" has ONE image per identity, so each image is the only one its captions describe
+and image-level positives (TGDT's "same image id") are meaningful: with several images per
+identity the template captions could not tell the images of one identity apart. Its test split
+has the Flickr30K test size (1000 images / 5000 captions); it draws the same 7000 images as
+"default" (same build time).
 """
 
 from __future__ import annotations
@@ -58,7 +64,9 @@ def _config(name: str, description: str, **kwargs) -> SyntheticPeopleConfig:
 
 BUILDER_CONFIGS = [
     _config("default", "1500 train / 250 test ids, 4 images per id, 2 captions per image, 64x32."),
-    _config("five_captions", "As default with 5 captions per image.", captions_per_image=5),
+    _config("five_captions", "Caption retrieval: 6000 train / 1000 test ids, 1 image per id, "
+            "5 captions per image, 64x32.",
+            num_train_ids=6000, num_test_ids=1000, images_per_id=1, captions_per_image=5),
     _config("tiny", "For tests: 12 train / 6 test ids, 2 images per id, 2 captions, 64x32.",
             num_train_ids=12, num_test_ids=6, images_per_id=2),
 ]
