@@ -46,6 +46,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=40, help="timed batches per row")
     parser.add_argument("--rebuild", action="store_true", help="delete and rebuild the synthetic sets")
+    parser.add_argument("--step_cases", default="demo,vitb16",
+                        help="train steps to time beside the pipeline (benchmarks/train_step.py cases; '' = none)")
     args = parser.parse_args(argv)
     size = tuple(int(s) for s in args.image_size.split(","))
 
@@ -86,6 +88,34 @@ def main(argv=None) -> None:
     print(f"|{'-' * 58}|{'-' * 20}|{'-' * 16}|")
     for what, value, per_core in rows:
         print(f"| {what:<56} | {value:>18} | {per_core:>14} |")
+    if args.step_cases:
+        _print_pipeline_vs_step(args, ip, {"vitb16": rate})
+
+
+def _print_pipeline_vs_step(args, ip, pipeline_rates: dict) -> None:
+    """Pipeline images/s beside the compiled train step's images/s for the same workload."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from benchmarks.train_step import case_config, synthetic_batch, time_jax
+
+    print("\n| workload | input pipeline img/s | IRRA train step img/s (this machine) | pipeline / step |")
+    print("|---|---|---|---|")
+    for case in args.step_cases.split(","):
+        config = case_config(case, "float32")
+        if case not in pipeline_rates:  # the case's own transform on the default synthetic set
+            d = config.data
+            ds = ip.train_tf_dataset("synthetic_people/default", args.data_dir, image_size=tuple(d.image_size),
+                                     batch_size=config.batch_size, seed=0, augment=d.augment, flip=d.flip,
+                                     context_length=d.get("context_length", 77))
+            pipeline_rates[case] = _throughput(ds, config.batch_size, args.batches)[0]
+        seconds, _, _ = time_jax(config, synthetic_batch(config, np.random.default_rng(0)), steps=3, warmup=1)
+        step_rate = config.batch_size / seconds
+        h, w = config.data.image_size
+        print(f"| {case} ({h}x{w}, batch {config.batch_size}) | {pipeline_rates[case]:.0f} | {step_rate:.1f} | "
+              f"{pipeline_rates[case] / step_rate:.1f}x |")
 
 
 def _native_overrides(size):

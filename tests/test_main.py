@@ -1,8 +1,8 @@
 """The main job end to end: tf.data on the tiny synthetic set -> train -> evaluate -> reload.
 
 Uses `xmr_jax.main.run_experiment` (what `python -m xmr_jax.main` runs) with tiny towers on
-synthetic_people/tiny (12 train ids, 6 test ids: 12 gallery images, 24 queries), an eval batch
-that does not divide the gallery (ragged last batch), and checks the evaluation after training
+synthetic_people/tiny (12 train ids, 6 test ids: 12 gallery images, 24 queries) for 2 epochs with
+an evaluation after each, an eval batch that does not divide the gallery (ragged last batch), and checks the evaluation after training
 equals a stand-alone evaluation from the saved checkpoint.
 """
 
@@ -21,7 +21,8 @@ from xmr_jax.main import run_experiment
 def demo_config(data_dir):
     config = tiny_config(batch_size=8)
     config.num_classes = 0  # taken from the data set (12 training identities)
-    config.num_epochs = 1
+    config.num_epochs = 2
+    config.eval_every_epochs = 1  # a periodic evaluation after epoch 1 (step 6), then the final one
     config.data.update(dict(config_name="tiny", data_dir=str(data_dir), image_size=(64, 32)))
     config.model.clip.update(dict(image_size=(64, 32), patch_size=16))
     config.eval_batch_size = 8  # 12 images = 8 + a ragged 4
@@ -45,10 +46,12 @@ def test_train_and_eval_writes_everything(trained):
         assert 0.0 <= result[key] <= 100.0
     assert result["R10"] >= result["R5"] >= result["R1"]
     saved = json.load(open(workdir / "eval_metrics.json"))
-    assert saved["step"] == 6 and saved["R1"] == pytest.approx(result["R1"])
+    assert saved["step"] == 12 and saved["R1"] == pytest.approx(result["R1"])
+    logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in logged if r["split"] == "eval"] == [6, 12]
     assert json.load(open(workdir / "config.json"))["data"]["config_name"] == "tiny"
     assert os.listdir(workdir / "tensorboard")
-    assert (workdir / "checkpoints" / "6").is_dir()
+    assert (workdir / "checkpoints" / "12").is_dir()
 
 
 def test_eval_from_checkpoint_equals_eval_after_training(trained):

@@ -40,27 +40,34 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
     steps_per_epoch = data.steps_per_epoch
     train.write_config(config, workdir)
 
+    kind = "caption" if config.model_family == "tgdt" else "person"
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+
+    def evaluate_and_report(model, mesh, params, step: int) -> dict:
+        evaluator = evaluate.Evaluator(model, mesh, kind, data.gallery_iter, data.query_iter, config)
+        result = evaluator.run(params)
+        table = evaluate.report(result, workdir, step, writer)
+        writer.flush()
+        if jax.process_index() == 0:
+            print("\n" + table, flush=True)
+        return result
+
     if mode in ("train", "train_and_eval"):
-        result = train.train(config, workdir, data.train_iter, steps_per_epoch)
-        model, mesh, params = result.model, result.mesh, result.state.params
-        step = int(jax.device_get(result.state.step))
-        if mode == "train" or result.stopped:
+        trained = train.train(config, workdir, data.train_iter, steps_per_epoch,
+                              periodic_eval=evaluate_and_report if mode == "train_and_eval" else None)
+        if mode == "train" or trained.stopped:
             return {}
+        model, mesh, params = trained.model, trained.mesh, trained.state.params
+        step = int(jax.device_get(trained.state.step))
     else:
-        model = get_family(config.model_family).build(config)
         from xmr_jax import parallel
 
+        model = get_family(config.model_family).build(config)
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
         params, step = checkpoints.load_params(checkpoint or os.path.join(workdir, "checkpoints"))
 
-    kind = "caption" if config.model_family == "tgdt" else "person"
-    evaluator = evaluate.Evaluator(model, mesh, kind, data.gallery_iter, data.query_iter, config)
-    result = evaluator.run(params)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    table = evaluate.report(result, workdir, step, writer)
-    writer.flush()
+    result = evaluate_and_report(model, mesh, params, step)
     if jax.process_index() == 0:
-        print(table, flush=True)
         print(f"Metrics written to {os.path.join(workdir, 'eval_metrics.json')}", flush=True)
     return result
 

@@ -146,13 +146,15 @@ def _stack_mean(history: list[dict]) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callable[[int], Iterator],
-          steps_per_epoch: int, devices=None) -> TrainResult:
+          steps_per_epoch: int, devices=None, periodic_eval: Callable | None = None) -> TrainResult:
     """Trains `config.num_epochs` epochs (resuming from the latest checkpoint in `workdir`).
 
     Args:
       train_iter_fn: start_step -> iterator of per-process numpy batches beginning at that step.
       steps_per_epoch: optimizer steps per epoch (global batch).
       devices: the mesh's devices (default: all devices of all processes).
+      periodic_eval: called as periodic_eval(model, mesh, params, step) every
+        `config.eval_every_epochs` epochs (0 = never) before the last step.
     Returns: TrainResult(state, model, mesh, stopped).
     """
     family = get_family(config.model_family)
@@ -233,6 +235,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
                     return TrainResult(state, model, mesh, stopped=True)
             if step % config.ckpt_every_steps == 0:
                 save(step)
+            eval_every = int(config.get("eval_every_epochs", 0)) * steps_per_epoch
+            if periodic_eval and eval_every and step % eval_every == 0 and step != total_steps:
+                periodic_eval(model, mesh, state.params, step)
         if step != last_saved:
             save(step)
         ckpt.wait()

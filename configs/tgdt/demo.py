@@ -22,7 +22,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, epochs=2, batch_size=64, seed=0, lr=1e-3)
+    arg = common.parse_arg(arg, epochs=1, batch_size=64, seed=0, lr=1e-3)
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
     config.model_family = "tgdt"
@@ -56,5 +56,5 @@ def get_config(arg=None):
     config.precision = "float32"
     config.log_every = 25
     config.ckpt_every_steps = 500
-    config.eval_batch_size = 250
+    config.eval_batch_size = 200  # a multiple of 8 devices; 1000 images / 5000 captions in whole batches
     return config
