@@ -131,11 +131,14 @@ def tgdt_defaults(positives: str = "image_id") -> ml_collections.ConfigDict:
     (caption data: pairs of the same image are never negatives) or "pid" (same person);
     margin / slack: CMC hinge margin and intra-modal slack; k_t2i / k_i2t: global top-k reranked
     by s_g + s_l at inference; coco_1k_folds: 0 = off, F = also report the metrics averaged over F
-    folds of 1000 images (keys "coco_1k/..."); coco_1k_fold_size: images per fold.
+    folds of 1000 images (keys "coco_1k/..."); coco_1k_fold_size: images per fold; negatives:
+    "hardest" (TGDT: hinge on the hardest negative) or "sum" (over all negatives; trains random
+    towers, which the hardest-negative hinge collapses).
     """
     return ml_collections.ConfigDict({
         "local_scale": 10.0, "positives": positives, "margin": 0.2, "slack": 0.3,
         "k_t2i": 100, "k_i2t": 50, "coco_1k_folds": 0, "coco_1k_fold_size": 1000,
+        "negatives": "hardest",
     })
 
 

@@ -65,6 +65,8 @@ def test_train_step_lowers_cmc_loss():
     last = [float(step(state, b)[1]["loss"]) for b in batches]
     assert np.all(np.isfinite(first + last))
     assert np.mean(last) < 0.5 * np.mean(first), (first, last)
+    # Below the collapsed value (all similarities equal: 4 hinges of `margin` per row, B=8).
+    assert max(last) < 4 * 8 * config.tgdt.margin, last
 
 
 def _random_outputs(rng, b=6, l_img=5, l_txt=7, d=8):
@@ -99,6 +101,40 @@ def test_compute_losses_matches_cmc_with_positive_mask(positives):
     np.testing.assert_allclose(float(parts["cmc_loss"]), float(expected), rtol=1e-5)
     unmasked = losses.cmc_loss(out["image_global"], out["text_global"], local, margin=0.3, slack=0.1)
     assert abs(float(unmasked) - float(expected)) > 1e-3  # the duplicates do change the loss
+
+
+def test_sum_negatives_matches_numpy():
+    """tgdt.negatives="sum": hinges summed over all non-positive pairs (independent NumPy)."""
+    rng = np.random.default_rng(2)
+    out = _random_outputs(rng)
+    batch = {"image_ids": np.array([0, 1, 0, 2, 3, 2]), "pids": np.zeros(6, np.int64)}
+    config = tiny_tgdt_config()
+    config.tgdt.negatives = "sum"
+    loss, _ = tgdt.compute_losses(out, batch, config)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    v, t = unit(out["image_global"].astype(np.float64)), unit(out["text_global"].astype(np.float64))
+    ti, tt = unit(out["image_tokens"].astype(np.float64)), unit(out["text_tokens"].astype(np.float64))
+    b = len(v)
+    local = np.zeros((b, b))
+    for i in range(b):
+        for j in range(b):
+            a = ti[i][out["image_mask"][i]] @ tt[j][out["text_mask"][j]].T
+            local[i, j] = 10.0 * a.max(axis=0).sum()
+    ids = batch["image_ids"]
+    neg = ids[:, None] != ids[None, :]
+
+    def hinge(s):
+        d = np.diag(s)
+        return (np.maximum(0, 0.2 + s - d[:, None]) * neg).sum() + (np.maximum(0, 0.2 + s - d[None, :]) * neg).sum()
+
+    intra = np.maximum(0, np.abs(t @ t.T - v @ v.T).max(axis=0) - 0.3).sum()
+    expected = hinge(v @ t.T) + intra + hinge(local)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+    config.tgdt.negatives = "hardest"
+    assert abs(float(tgdt.compute_losses(out, batch, config)[0]) - expected) > 1e-2
 
 
 def _hand_made(n_img=3, cpi=2, d=8, swap_global=False):
@@ -235,6 +271,10 @@ def test_bad_tgdt_config_names_the_field():
     with pytest.raises(ValueError, match="config.tgdt.positives"):
         get_family("tgdt").build(config)
     config = tiny_tgdt_config()
+    config.tgdt.negatives = "max"
+    with pytest.raises(ValueError, match="config.tgdt.negatives"):
+        tgdt.build_tgdt(config)
+    config = tiny_tgdt_config()
     config.tgdt.k_t2i = 0
     with pytest.raises(ValueError, match="config.tgdt.k_t2i"):
         tgdt.build_tgdt(config)
@@ -248,14 +288,14 @@ def test_tgdt_configs_load_and_validate(name):
     if name == "demo":
         train.validate_config(config)
         assert config.data.config_name == "five_captions" and config.tgdt.positives == "image_id"
-        assert (config.tgdt.k_t2i, config.tgdt.k_i2t) == (100, 50)
+        assert (config.tgdt.k_t2i, config.tgdt.k_i2t, config.tgdt.negatives) == (100, 50, "sum")
         return
     with pytest.raises(FileNotFoundError, match="config.model.init_checkpoint"):
         train.validate_config(config)
     config.model.init_checkpoint = ""
     train.validate_config(config)
     assert tuple(config.data.image_size) == (224, 224) and not config.data.augment
-    assert config.precision == "bfloat16"
+    assert config.precision == "bfloat16" and config.tgdt.negatives == "hardest"
     o = config.optim
     assert (o.lr, o.weight_decay, o.grad_clip, o.schedule, o.decay_epochs, o.decay_rate, o.num_epochs) == (
         1e-5, 0.0, 2.0, "step_decay", 20, 0.1, 60)
