@@ -5,7 +5,9 @@ r"""Seconds per IRRA train step (sdm+id+mlm, Adam): xmr_jax's compiled step vs t
 
 Synthetic batches (no TensorFlow needed, so it also runs on the GPU machines). The PyTorch side is
 transformers' CLIPModel towers with IRRA's heads and losses (benchmarks/torch_irra.py), same sizes,
-same Adam (eps 1e-3, L2 4e-5). On a GPU it also prints the MFU of the compiled step from XLA's FLOP
+same Adam (eps 1e-3, L2 4e-5). The MLM head runs where each config says: the demo computes the
+49408-way logits at up to 6 masked positions per caption (model.mlm_max_predictions), the ViT-B/16
+case at every position like the reference; the PyTorch side always at every position. On a GPU it also prints the MFU of the compiled step from XLA's FLOP
 count (cost_analysis) against the chip's peak bf16 FLOP/s (--peak_tflops).
 """
 
@@ -31,7 +33,7 @@ from xmr_jax.models.families import get_family
 
 def case_config(name: str, precision: str):
     if name == "demo":
-        config = demo.get_config()
+        config = demo.get_config("loss_names=sdm+id+mlm")  # the demo towers with the full IRRA objective
         config.num_classes = 1500
     elif name == "vitb16":
         config = irra_config("cuhk_pedes", num_classes=11003, arg="batch_size=8,init=")
@@ -135,7 +137,7 @@ def time_torch(config, batch, steps: int, warmup: int, precision: str):
         loss = step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, float(loss)
+    return (time.perf_counter() - t0) / steps, float(loss.detach())
 
 
 def main():
