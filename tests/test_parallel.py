@@ -14,161 +14,178 @@ needs8 = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 (simulated)
 
 @needs8
 def test_mesh_shapes_and_errors():
-  assert dict(parallel.make_mesh().shape) == {"data": 8, "fsdp": 1}
-  assert dict(parallel.make_mesh(data=2, fsdp=4).shape) == {"data": 2, "fsdp": 4}
-  assert dict(parallel.make_mesh(data=-1, fsdp=8).shape) == {"data": 1, "fsdp": 8}
-  assert dict(parallel.make_mesh(data=4, fsdp=-1).shape) == {"data": 4, "fsdp": 2}
-  m = parallel.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
-  assert m.devices.size == 1
-  assert all(t == jax.sharding.AxisType.Auto for t in parallel.make_mesh().axis_types)
-  for bad in ((3, 1), (-1, 3), (4, 4), (-1, -1)):
-    with pytest.raises(ValueError, match="device count|both be -1"):
-      parallel.make_mesh(*bad)
+    assert dict(parallel.make_mesh().shape) == {"data": 8, "fsdp": 1}
+    assert dict(parallel.make_mesh(data=2, fsdp=4).shape) == {"data": 2, "fsdp": 4}
+    assert dict(parallel.make_mesh(data=-1, fsdp=8).shape) == {"data": 1, "fsdp": 8}
+    assert dict(parallel.make_mesh(data=4, fsdp=-1).shape) == {"data": 4, "fsdp": 2}
+    m = parallel.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
+    assert m.devices.size == 1
+    assert all(t == jax.sharding.AxisType.Auto for t in parallel.make_mesh().axis_types)
+    for bad in ((3, 1), (-1, 3), (4, 4), (-1, -1)):
+        with pytest.raises(ValueError, match="device count|both be -1"):
+            parallel.make_mesh(*bad)
 
 
 def test_fsdp_rule_on_sample_shapes():
-  spec = lambda shape, size=8, min_size=16: parallel.fsdp_spec(shape, size, min_size)
-  assert spec((512, 2048)) == P(None, "fsdp")        # largest dim
-  assert spec((2048, 512)) == P("fsdp", None)
-  assert spec((512, 512)) == P("fsdp", None)         # tie -> earlier dim
-  assert spec((49408, 512)) == P("fsdp", None)
-  assert spec((7, 512)) == P(None, "fsdp")
-  assert spec((1000, 12)) == P("fsdp", None)         # 1000 % 8 == 0
-  assert spec((1001, 24)) == P(None, "fsdp")         # largest not divisible -> next largest
-  assert spec((1001, 7)) == P()                      # nothing divisible -> replicated
-  assert spec((8,)) == P()                           # below min_size -> replicated
-  assert spec(()) == P()
-  assert spec((16, 16, 3, 768)) == P(None, None, None, "fsdp")
-  assert spec((512, 2048), size=1) == P()            # axis of size 1: nothing to shard
+    spec = lambda shape, size=8, min_size=16: parallel.fsdp_spec(shape, size, min_size)
+    assert spec((512, 2048)) == P(None, "fsdp")  # largest dim
+    assert spec((2048, 512)) == P("fsdp", None)
+    assert spec((512, 512)) == P("fsdp", None)  # tie -> earlier dim
+    assert spec((49408, 512)) == P("fsdp", None)
+    assert spec((7, 512)) == P(None, "fsdp")
+    assert spec((1000, 12)) == P("fsdp", None)  # 1000 % 8 == 0
+    assert spec((1001, 24)) == P(None, "fsdp")  # largest not divisible -> next largest
+    assert spec((1001, 7)) == P()  # nothing divisible -> replicated
+    assert spec((8,)) == P()  # below min_size -> replicated
+    assert spec(()) == P()
+    assert spec((16, 16, 3, 768)) == P(None, None, None, "fsdp")
+    assert spec((512, 2048), size=1) == P()  # axis of size 1: nothing to shard
 
 
 @needs8
 def test_param_shardings_on_abstract_tree():
-  mesh = parallel.make_mesh(data=2, fsdp=4)
-  tree = {"w": jax.ShapeDtypeStruct((64, 256), jnp.float32),
-          "b": jax.ShapeDtypeStruct((256,), jnp.float32),
-          "odd": jax.ShapeDtypeStruct((129, 129), jnp.float32),
-          "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  sh = parallel.param_shardings(tree, mesh, "fsdp", min_size=1024)
-  assert sh["w"].spec == P(None, "fsdp")
-  assert sh["b"].spec == P() and sh["odd"].spec == P() and sh["step"].spec == P()
-  sh_all = parallel.param_shardings(tree, mesh, "fsdp", min_size=1024, fsdp_axes=("data", "fsdp"))
-  assert sh_all["w"].spec == P(None, ("data", "fsdp"))
-  assert all(s.spec == P() for s in jax.tree.leaves(parallel.param_shardings(tree, mesh, "data")))
-  with pytest.raises(ValueError, match="strategy"):
-    parallel.param_shardings(tree, mesh, "zero")
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    tree = {
+        "w": jax.ShapeDtypeStruct((64, 256), jnp.float32),
+        "b": jax.ShapeDtypeStruct((256,), jnp.float32),
+        "odd": jax.ShapeDtypeStruct((129, 129), jnp.float32),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    sh = parallel.param_shardings(tree, mesh, "fsdp", min_size=1024)
+    assert sh["w"].spec == P(None, "fsdp")
+    assert sh["b"].spec == P() and sh["odd"].spec == P() and sh["step"].spec == P()
+    sh_all = parallel.param_shardings(tree, mesh, "fsdp", min_size=1024, fsdp_axes=("data", "fsdp"))
+    assert sh_all["w"].spec == P(None, ("data", "fsdp"))
+    assert all(s.spec == P() for s in jax.tree.leaves(parallel.param_shardings(tree, mesh, "data")))
+    with pytest.raises(ValueError, match="strategy"):
+        parallel.param_shardings(tree, mesh, "zero")
 
 
 @needs8
 def test_global_batch_assembles_and_checks_divisibility():
-  mesh = parallel.make_mesh(data=4, fsdp=2)
-  local = {"images": np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
-           "pids": np.arange(16, dtype=np.int32)}
-  g = parallel.global_batch(local, mesh)
-  assert g["images"].shape == (16, 3) and g["pids"].dtype == jnp.int32
-  assert g["images"].sharding.spec == P(("data", "fsdp"))
-  np.testing.assert_array_equal(np.asarray(g["images"]), local["images"])
-  # each device holds 2 consecutive rows
-  shards = sorted(g["pids"].addressable_shards, key=lambda s: s.index[0].start)
-  assert [np.asarray(s.data).tolist() for s in shards] == [[2 * i, 2 * i + 1] for i in range(8)]
-  with pytest.raises(ValueError, match="batch_size=12.*8 local devices"):
-    parallel.global_batch({"x": np.zeros((12, 2))}, mesh)
-  with pytest.raises(ValueError, match="different leading"):
-    parallel.global_batch({"x": np.zeros((8, 2)), "y": np.zeros((16,))}, mesh)
+    mesh = parallel.make_mesh(data=4, fsdp=2)
+    local = {
+        "images": np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
+        "pids": np.arange(16, dtype=np.int32),
+    }
+    g = parallel.global_batch(local, mesh)
+    assert g["images"].shape == (16, 3) and g["pids"].dtype == jnp.int32
+    assert g["images"].sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(g["images"]), local["images"])
+    # each device holds 2 consecutive rows
+    shards = sorted(g["pids"].addressable_shards, key=lambda s: s.index[0].start)
+    assert [np.asarray(s.data).tolist() for s in shards] == [[2 * i, 2 * i + 1] for i in range(8)]
+    with pytest.raises(ValueError, match="batch_size=12.*8 local devices"):
+        parallel.global_batch({"x": np.zeros((12, 2))}, mesh)
+    with pytest.raises(ValueError, match="different leading"):
+        parallel.global_batch({"x": np.zeros((8, 2)), "y": np.zeros((16,))}, mesh)
 
 
 def _toy_problem():
-  rng = np.random.default_rng(0)
-  params = {"l1": {"kernel": rng.normal(size=(16, 64)).astype(np.float32) * 0.3,
-                   "bias": np.zeros(64, np.float32)},
-            "l2": {"kernel": rng.normal(size=(64, 8)).astype(np.float32) * 0.3,
-                   "bias": np.zeros(8, np.float32)}}
-  batches = [{"x": rng.normal(size=(32, 16)).astype(np.float32),
-              "y": rng.normal(size=(32, 8)).astype(np.float32)} for _ in range(3)]
-  return params, batches
+    rng = np.random.default_rng(0)
+    params = {
+        "l1": {
+            "kernel": rng.normal(size=(16, 64)).astype(np.float32) * 0.3,
+            "bias": np.zeros(64, np.float32),
+        },
+        "l2": {"kernel": rng.normal(size=(64, 8)).astype(np.float32) * 0.3, "bias": np.zeros(8, np.float32)},
+    }
+    batches = [
+        {"x": rng.normal(size=(32, 16)).astype(np.float32), "y": rng.normal(size=(32, 8)).astype(np.float32)}
+        for _ in range(3)
+    ]
+    return params, batches
 
 
 def _loss(params, batch):
-  h = jnp.tanh(batch["x"] @ params["l1"]["kernel"] + params["l1"]["bias"])
-  out = h @ params["l2"]["kernel"] + params["l2"]["bias"]
-  return jnp.mean((out - batch["y"]) ** 2)
+    h = jnp.tanh(batch["x"] @ params["l1"]["kernel"] + params["l1"]["bias"])
+    out = h @ params["l2"]["kernel"] + params["l2"]["bias"]
+    return jnp.mean((out - batch["y"]) ** 2)
 
 
 def _train(mesh, strategy, params, batches):
-  tx = optax.adam(1e-2)
-  state = (params, tx.init(params))
-  state = parallel.shard_train_state(state, mesh, strategy, min_size=64)
-  sh = jax.tree.map(lambda x: x.sharding, state)
+    tx = optax.adam(1e-2)
+    state = (params, tx.init(params))
+    state = parallel.shard_train_state(state, mesh, strategy, min_size=64)
+    sh = jax.tree.map(lambda x: x.sharding, state)
 
-  def step(state, batch):
-    p, o = state
-    loss, g = jax.value_and_grad(_loss)(p, batch)
-    u, o = tx.update(g, o, p)
-    return (optax.apply_updates(p, u), o), loss
+    def step(state, batch):
+        p, o = state
+        loss, g = jax.value_and_grad(_loss)(p, batch)
+        u, o = tx.update(g, o, p)
+        return (optax.apply_updates(p, u), o), loss
 
-  step = jax.jit(step, in_shardings=(sh, parallel.batch_sharding(mesh)), out_shardings=(sh, None),
-                 donate_argnums=0)
-  for b in batches:
-    state, _ = step(state, parallel.global_batch(b, mesh))
-  return state, step
+    step = jax.jit(
+        step, in_shardings=(sh, parallel.batch_sharding(mesh)), out_shardings=(sh, None), donate_argnums=0
+    )
+    for b in batches:
+        state, _ = step(state, parallel.global_batch(b, mesh))
+    return state, step
 
 
 @needs8
 def test_toy_train_step_same_under_fsdp_dp_and_one_device():
-  params, batches = _toy_problem()
-  one = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
-  ref, _ = _train(one, "data", params, batches)
-  dp, _ = _train(parallel.make_mesh(data=8), "data", params, batches)
-  fsdp, step = _train(parallel.make_mesh(data=2, fsdp=4), "fsdp", params, batches)
-  # the big kernels really are sharded (per-device shard smaller than the array), Adam state too
-  k = fsdp[0]["l1"]["kernel"]
-  assert k.sharding.spec == P(None, "fsdp") and k.addressable_shards[0].data.shape == (16, 16)
-  assert fsdp[1][0].mu["l1"]["kernel"].sharding.spec == P(None, "fsdp")
-  # same numbers (float32; reductions are reordered across devices): atol 1e-6
-  for other in (dp, fsdp):
-    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(other)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
-  mem = parallel.memory_per_device(step.lower(fsdp, parallel.global_batch(batches[0],
-                                   parallel.make_mesh(2, 4))).compile())
-  assert mem is None or (mem["argument"] > 0 and mem["total"] >= mem["temp"])
+    params, batches = _toy_problem()
+    one = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    ref, _ = _train(one, "data", params, batches)
+    dp, _ = _train(parallel.make_mesh(data=8), "data", params, batches)
+    fsdp, step = _train(parallel.make_mesh(data=2, fsdp=4), "fsdp", params, batches)
+    # the big kernels really are sharded (per-device shard smaller than the array), Adam state too
+    k = fsdp[0]["l1"]["kernel"]
+    assert k.sharding.spec == P(None, "fsdp") and k.addressable_shards[0].data.shape == (16, 16)
+    assert fsdp[1][0].mu["l1"]["kernel"].sharding.spec == P(None, "fsdp")
+    # same numbers (float32; reductions are reordered across devices): atol 1e-6
+    for other in (dp, fsdp):
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(other)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    mem = parallel.memory_per_device(
+        step.lower(fsdp, parallel.global_batch(batches[0], parallel.make_mesh(2, 4))).compile()
+    )
+    assert mem is None or (mem["argument"] > 0 and mem["total"] >= mem["temp"])
 
 
 def test_memory_per_device_handles_missing_analysis():
-  class NoAnalysis:
-    def memory_analysis(self):
-      return None
+    class NoAnalysis:
+        def memory_analysis(self):
+            return None
 
-  class Raises:
-    def memory_analysis(self):
-      raise NotImplementedError
+    class Raises:
+        def memory_analysis(self):
+            raise NotImplementedError
 
-  assert parallel.memory_per_device(NoAnalysis()) is None
-  assert parallel.memory_per_device(Raises()) is None
+    assert parallel.memory_per_device(NoAnalysis()) is None
+    assert parallel.memory_per_device(Raises()) is None
 
 
 def test_initialize_distributed_is_noop_single_process(monkeypatch):
-  for var in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
-              "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS",
-              "OMPI_COMM_WORLD_SIZE"):
-    monkeypatch.delenv(var, raising=False)
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-  monkeypatch.setattr(parallel, "_DISTRIBUTED_DONE", False)
-  assert parallel.multihost_environment() is None
-  assert parallel.initialize_distributed() is False
-  assert calls == []
-  # detection of launchers (not initialized here, only detected)
-  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0")
-  assert parallel.multihost_environment() is None
-  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0,host1")
-  assert parallel.multihost_environment() == "tpu"
-  monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
-  monkeypatch.setenv("SLURM_JOB_ID", "12")
-  monkeypatch.setenv("SLURM_NTASKS", "1")
-  assert parallel.multihost_environment() is None
-  monkeypatch.setenv("SLURM_NTASKS", "4")
-  assert parallel.multihost_environment() == "slurm"
-  # an explicit call initializes once, then is idempotent
-  assert parallel.initialize_distributed("localhost:1234", 2, 0) is True
-  assert parallel.initialize_distributed("localhost:1234", 2, 0) is True
-  assert calls == [{"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 0}]
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_PROCESS_ADDRESSES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(parallel, "_DISTRIBUTED_DONE", False)
+    assert parallel.multihost_environment() is None
+    assert parallel.initialize_distributed() is False
+    assert calls == []
+    # detection of launchers (not initialized here, only detected)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0")
+    assert parallel.multihost_environment() is None
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0,host1")
+    assert parallel.multihost_environment() == "tpu"
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert parallel.multihost_environment() is None
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert parallel.multihost_environment() == "slurm"
+    # an explicit call initializes once, then is idempotent
+    assert parallel.initialize_distributed("localhost:1234", 2, 0) is True
+    assert parallel.initialize_distributed("localhost:1234", 2, 0) is True
+    assert calls == [{"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 0}]

@@ -41,213 +41,232 @@ _DISTRIBUTED_DONE = False
 # Multi-host initialization
 # ----------------------------------------------------------------------------------------------
 
+
 def _int_env(name: str) -> int | None:
-  value = os.environ.get(name)
-  try:
-    return int(value) if value not in (None, "") else None
-  except ValueError:
-    return None
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
 
 
 def multihost_environment() -> str | None:
-  """Names the detected multi-process launcher ("explicit-env", "tpu", "slurm", "ompi") or None.
+    """Names the detected multi-process launcher ("explicit-env", "tpu", "slurm", "ompi") or None.
 
-  Detected: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES / JAX_PROCESS_ID, as written by
-  launch/local_multihost.sh); a Cloud TPU slice with several workers (TPU_WORKER_HOSTNAMES or
-  TPU_PROCESS_ADDRESSES listing more than one host, or a multislice MEGASCALE_COORDINATOR_ADDRESS);
-  SLURM with SLURM_NTASKS > 1; Open MPI with OMPI_COMM_WORLD_SIZE > 1.
-  """
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    return "explicit-env"
-  for var in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
-    hosts = [h for h in os.environ.get(var, "").split(",") if h.strip()]
-    if len(hosts) > 1:
-      return "tpu"
-  if os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-    return "tpu"
-  if os.environ.get("SLURM_JOB_ID") and (_int_env("SLURM_NTASKS") or 1) > 1:
-    return "slurm"
-  if (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1:
-    return "ompi"
-  return None
+    Detected: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES / JAX_PROCESS_ID, as written by
+    launch/local_multihost.sh); a Cloud TPU slice with several workers (TPU_WORKER_HOSTNAMES or
+    TPU_PROCESS_ADDRESSES listing more than one host, or a multislice MEGASCALE_COORDINATOR_ADDRESS);
+    SLURM with SLURM_NTASKS > 1; Open MPI with OMPI_COMM_WORLD_SIZE > 1.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "explicit-env"
+    for var in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
+        hosts = [h for h in os.environ.get(var, "").split(",") if h.strip()]
+        if len(hosts) > 1:
+            return "tpu"
+    if os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"
+    if os.environ.get("SLURM_JOB_ID") and (_int_env("SLURM_NTASKS") or 1) > 1:
+        return "slurm"
+    if (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return "ompi"
+    return None
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-  """Calls jax.distributed.initialize() when running multi-process; otherwise does nothing.
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Calls jax.distributed.initialize() when running multi-process; otherwise does nothing.
 
-  Must run before anything touches the devices (jax.devices(), any computation). Explicit
-  arguments win; else the launcher is detected from the environment (``multihost_environment``)
-  and JAX's own cluster detection fills in the addresses. Idempotent: later calls are no-ops.
-  Returns True when the distributed runtime is (now) initialized.
-  """
-  global _DISTRIBUTED_DONE
-  is_init = getattr(jax.distributed, "is_initialized", lambda: False)
-  if _DISTRIBUTED_DONE or is_init():
+    Must run before anything touches the devices (jax.devices(), any computation). Explicit
+    arguments win; else the launcher is detected from the environment (``multihost_environment``)
+    and JAX's own cluster detection fills in the addresses. Idempotent: later calls are no-ops.
+    Returns True when the distributed runtime is (now) initialized.
+    """
+    global _DISTRIBUTED_DONE
+    is_init = getattr(jax.distributed, "is_initialized", lambda: False)
+    if _DISTRIBUTED_DONE or is_init():
+        _DISTRIBUTED_DONE = True
+        return True
+    explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+    env = multihost_environment()
+    if not explicit and env is None:
+        return False
+    kwargs = {}
+    if explicit:
+        kwargs = dict(
+            coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        )
+    elif env == "explicit-env":
+        kwargs = dict(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=_int_env("JAX_NUM_PROCESSES"),
+            process_id=_int_env("JAX_PROCESS_ID"),
+        )
+    _log.info("jax.distributed.initialize (%s) %s", env or "explicit", kwargs)
+    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
     _DISTRIBUTED_DONE = True
     return True
-  explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
-  env = multihost_environment()
-  if not explicit and env is None:
-    return False
-  kwargs = {}
-  if explicit:
-    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                  process_id=process_id)
-  elif env == "explicit-env":
-    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                  num_processes=_int_env("JAX_NUM_PROCESSES"), process_id=_int_env("JAX_PROCESS_ID"))
-  _log.info("jax.distributed.initialize (%s) %s", env or "explicit", kwargs)
-  jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
-  _DISTRIBUTED_DONE = True
-  return True
 
 
 # ----------------------------------------------------------------------------------------------
 # Mesh and batches
 # ----------------------------------------------------------------------------------------------
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-  """Mesh of shape (data, fsdp), axis names ("data", "fsdp"), over all (or the given) devices.
 
-  One of the sizes may be -1 (= all remaining devices). The product must equal the device count.
-  Axis types are Auto (sharding propagated by XLA), not jax.make_mesh's Explicit default.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  data, fsdp = int(data), int(fsdp)
-  if data == -1 and fsdp == -1:
-    raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
-  if data == -1:
-    if fsdp <= 0 or n % fsdp:
-      raise ValueError(f"mesh.fsdp={fsdp} must divide the device count {n}")
-    data = n // fsdp
-  elif fsdp == -1:
-    if data <= 0 or n % data:
-      raise ValueError(f"mesh.data={data} must divide the device count {n}")
-    fsdp = n // data
-  if data <= 0 or fsdp <= 0 or data * fsdp != n:
-    raise ValueError(f"mesh.data * mesh.fsdp = {data} * {fsdp} must equal the device count {n}")
-  auto = (jax.sharding.AxisType.Auto,) * 2
-  return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=auto, devices=devices)
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+    """Mesh of shape (data, fsdp), axis names ("data", "fsdp"), over all (or the given) devices.
+
+    One of the sizes may be -1 (= all remaining devices). The product must equal the device count.
+    Axis types are Auto (sharding propagated by XLA), not jax.make_mesh's Explicit default.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    data, fsdp = int(data), int(fsdp)
+    if data == -1 and fsdp == -1:
+        raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+    if data == -1:
+        if fsdp <= 0 or n % fsdp:
+            raise ValueError(f"mesh.fsdp={fsdp} must divide the device count {n}")
+        data = n // fsdp
+    elif fsdp == -1:
+        if data <= 0 or n % data:
+            raise ValueError(f"mesh.data={data} must divide the device count {n}")
+        fsdp = n // data
+    if data <= 0 or fsdp <= 0 or data * fsdp != n:
+        raise ValueError(f"mesh.data * mesh.fsdp = {data} * {fsdp} must equal the device count {n}")
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=auto, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over ("data", "fsdp"); other dimensions not split."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+    """Leading (batch) dimension split over ("data", "fsdp"); other dimensions not split."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P())
 
 
 def _local_device_count(mesh: Mesh) -> int:
-  pid = jax.process_index()
-  return sum(1 for d in mesh.devices.flat if d.process_index == pid)
+    pid = jax.process_index()
+    return sum(1 for d in mesh.devices.flat if d.process_index == pid)
 
 
 def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles per-process numpy batches into global jax.Arrays sharded by ``batch_sharding``.
+    """Assembles per-process numpy batches into global jax.Arrays sharded by ``batch_sharding``.
 
-  local_batch: {name: array [B_local, ...]} (this process's rows; all processes pass the same
-  B_local). Returns {name: jax.Array [B_local * process_count, ...]}.
-  """
-  if not local_batch:
-    raise ValueError("global_batch: the batch dict is empty")
-  sharding = batch_sharding(mesh)
-  n_local = _local_device_count(mesh)
-  sizes = {}
-  for k, v in local_batch.items():
-    shape = np.shape(v)
-    if len(shape) == 0:
-      raise ValueError(f"global_batch: batch['{k}'] is a scalar; every entry needs a leading "
-                       "batch dimension")
-    sizes[k] = shape[0]
-  if len(set(sizes.values())) != 1:
-    raise ValueError(f"global_batch: entries have different leading (batch) sizes: {sizes}")
-  b = next(iter(sizes.values()))
-  if b % n_local:
-    raise ValueError(
-        f"per-process batch_size={b} is not divisible by the {n_local} local devices of this "
-        f"process (global batch_size must be a multiple of the total device count "
-        f"{mesh.devices.size}); change batch_size or mesh")
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+    local_batch: {name: array [B_local, ...]} (this process's rows; all processes pass the same
+    B_local). Returns {name: jax.Array [B_local * process_count, ...]}.
+    """
+    if not local_batch:
+        raise ValueError("global_batch: the batch dict is empty")
+    sharding = batch_sharding(mesh)
+    n_local = _local_device_count(mesh)
+    sizes = {}
+    for k, v in local_batch.items():
+        shape = np.shape(v)
+        if len(shape) == 0:
+            raise ValueError(
+                f"global_batch: batch['{k}'] is a scalar; every entry needs a leading batch dimension"
+            )
+        sizes[k] = shape[0]
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"global_batch: entries have different leading (batch) sizes: {sizes}")
+    b = next(iter(sizes.values()))
+    if b % n_local:
+        raise ValueError(
+            f"per-process batch_size={b} is not divisible by the {n_local} local devices of this "
+            f"process (global batch_size must be a multiple of the total device count "
+            f"{mesh.devices.size}); change batch_size or mesh"
+        )
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # Parameter sharding rules
 # ----------------------------------------------------------------------------------------------
 
-def fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int = 2 ** 12,
-              axis: str | tuple[str, ...] = "fsdp") -> P:
-  """PartitionSpec for one leaf under the fsdp rule.
 
-  Shard along the LARGEST dimension whose size is divisible by ``axis_size``; on ties the EARLIER
-  dimension wins. Leaves with fewer than ``min_size`` elements, scalars, or with no divisible
-  dimension are replicated (P()).
-  """
-  if axis_size <= 1 or len(shape) == 0 or math.prod(shape) < min_size:
+def fsdp_spec(
+    shape: tuple[int, ...], axis_size: int, min_size: int = 2**12, axis: str | tuple[str, ...] = "fsdp"
+) -> P:
+    """PartitionSpec for one leaf under the fsdp rule.
+
+    Shard along the LARGEST dimension whose size is divisible by ``axis_size``; on ties the EARLIER
+    dimension wins. Leaves with fewer than ``min_size`` elements, scalars, or with no divisible
+    dimension are replicated (P()).
+    """
+    if axis_size <= 1 or len(shape) == 0 or math.prod(shape) < min_size:
+        return P()
+    order = sorted(range(len(shape)), key=lambda i: -shape[i])  # stable: earlier dim first on ties
+    for i in order:
+        if shape[i] % axis_size == 0:
+            spec = [None] * len(shape)
+            spec[i] = axis
+            return P(*spec)
     return P()
-  order = sorted(range(len(shape)), key=lambda i: -shape[i])  # stable: earlier dim first on ties
-  for i in order:
-    if shape[i] % axis_size == 0:
-      spec = [None] * len(shape)
-      spec[i] = axis
-      return P(*spec)
-  return P()
 
 
-def param_shardings(tree: PyTree, mesh: Mesh, strategy: str = "data", min_size: int = 2 ** 12,
-                    fsdp_axes: str | tuple[str, ...] = "fsdp") -> PyTree:
-  """Pytree of NamedSharding (structure of ``tree``) for params / optimizer state / train state.
+def param_shardings(
+    tree: PyTree,
+    mesh: Mesh,
+    strategy: str = "data",
+    min_size: int = 2**12,
+    fsdp_axes: str | tuple[str, ...] = "fsdp",
+) -> PyTree:
+    """Pytree of NamedSharding (structure of ``tree``) for params / optimizer state / train state.
 
-  tree: leaves are arrays, jax.ShapeDtypeStruct (e.g. from jax.eval_shape) or python scalars.
-  strategy "data": all replicated. "fsdp": ``fsdp_spec`` over ``fsdp_axes`` (default the "fsdp"
-  axis; pass ("data", "fsdp") to shard over every device). Adam's mu/nu get the same sharding as
-  their parameter because the rule only depends on the shape.
-  """
-  if strategy not in STRATEGIES:
-    raise ValueError(f"sharding strategy {strategy!r}; expected one of {STRATEGIES}")
-  if strategy == "data":
-    return jax.tree.map(lambda _: replicated(mesh), tree)
-  axes = (fsdp_axes,) if isinstance(fsdp_axes, str) else tuple(fsdp_axes)
-  for a in axes:
-    if a not in mesh.shape:
-      raise ValueError(f"fsdp axis {a!r} is not a mesh axis {tuple(mesh.shape)}")
-  axis_size = math.prod(mesh.shape[a] for a in axes)
-  axis = axes[0] if len(axes) == 1 else axes
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), axis_size, min_size, axis)),
-      tree)
+    tree: leaves are arrays, jax.ShapeDtypeStruct (e.g. from jax.eval_shape) or python scalars.
+    strategy "data": all replicated. "fsdp": ``fsdp_spec`` over ``fsdp_axes`` (default the "fsdp"
+    axis; pass ("data", "fsdp") to shard over every device). Adam's mu/nu get the same sharding as
+    their parameter because the rule only depends on the shape.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"sharding strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy == "data":
+        return jax.tree.map(lambda _: replicated(mesh), tree)
+    axes = (fsdp_axes,) if isinstance(fsdp_axes, str) else tuple(fsdp_axes)
+    for a in axes:
+        if a not in mesh.shape:
+            raise ValueError(f"fsdp axis {a!r} is not a mesh axis {tuple(mesh.shape)}")
+    axis_size = math.prod(mesh.shape[a] for a in axes)
+    axis = axes[0] if len(axes) == 1 else axes
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), axis_size, min_size, axis)), tree
+    )
 
 
-def shard_train_state(state: PyTree, mesh: Mesh, strategy: str = "data",
-                      min_size: int = 2 ** 12) -> PyTree:
-  """device_put every leaf of ``state`` with ``param_shardings`` (same values, new placement)."""
-  return jax.device_put(state, param_shardings(state, mesh, strategy, min_size))
+def shard_train_state(state: PyTree, mesh: Mesh, strategy: str = "data", min_size: int = 2**12) -> PyTree:
+    """device_put every leaf of ``state`` with ``param_shardings`` (same values, new placement)."""
+    return jax.device_put(state, param_shardings(state, mesh, strategy, min_size))
 
 
 def memory_per_device(compiled) -> dict[str, int] | None:
-  """Bytes per device from ``jax.jit(f).lower(...).compile().memory_analysis()``.
+    """Bytes per device from ``jax.jit(f).lower(...).compile().memory_analysis()``.
 
-  Returns {"argument", "output", "temp", "alias", "generated_code", "total"} (total = argument +
-  output + temp - alias), or None when the backend gives no analysis (some CPU builds).
-  """
-  try:
-    ma = compiled.memory_analysis()
-  except (NotImplementedError, AttributeError, RuntimeError):
-    return None
-  if ma is None:
-    return None
-  if isinstance(ma, (list, tuple)):  # older jax: one per device/program
-    if not ma:
-      return None
-    ma = ma[0]
-  get = lambda name: int(getattr(ma, name, 0) or 0)
-  out = {"argument": get("argument_size_in_bytes"), "output": get("output_size_in_bytes"),
-         "temp": get("temp_size_in_bytes"), "alias": get("alias_size_in_bytes"),
-         "generated_code": get("generated_code_size_in_bytes")}
-  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-  return out
+    Returns {"argument", "output", "temp", "alias", "generated_code", "total"} (total = argument +
+    output + temp - alias), or None when the backend gives no analysis (some CPU builds).
+    """
+    try:
+        ma = compiled.memory_analysis()
+    except (NotImplementedError, AttributeError, RuntimeError):
+        return None
+    if ma is None:
+        return None
+    if isinstance(ma, (list, tuple)):  # older jax: one per device/program
+        if not ma:
+            return None
+        ma = ma[0]
+    get = lambda name: int(getattr(ma, name, 0) or 0)
+    out = {
+        "argument": get("argument_size_in_bytes"),
+        "output": get("output_size_in_bytes"),
+        "temp": get("temp_size_in_bytes"),
+        "alias": get("alias_size_in_bytes"),
+        "generated_code": get("generated_code_size_in_bytes"),
+    }
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
