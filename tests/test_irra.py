@@ -116,3 +116,22 @@ def test_bad_irra_checkpoint_names_key_and_shapes(torch_irra):
         irra_state_dict_to_params(sd, **HEADS)
     with pytest.raises(CheckpointMismatchError, match="not an IRRA checkpoint"):
         irra_state_dict_to_params({"classifier.weight": torch.zeros(3, 4)})
+
+
+def test_imported_irra_checkpoint_runs_through_the_evaluator(torch_irra, tmp_path):
+    """`--mode=eval --checkpoint=best.pth`: import, then the person-retrieval evaluator on tf.data."""
+    from tests.train_fixtures import tiny_config
+    from xmr_jax.main import run_experiment
+
+    sd = {k: v for k, v in torch_irra.state_dict().items() if not k.startswith("base_model.")}
+    sd.update({f"base_model.{k}": v for k, v in hf_to_openai_state_dict(torch_irra.base_model).items()})
+    path = tmp_path / "best.pth"
+    torch.save({"model": sd}, path)
+    config = tiny_config(batch_size=8, eval_batch_size=8)
+    config.data.update(dict(config_name="tiny", data_dir=str(tmp_path / "tfds"), image_size=(32, 32),
+                            context_length=77))
+    config.model.clip.update(dict(image_size=(32, 32), context_length=77))
+    config.model.import_overrides = dict(HEADS, cross_heads=2)
+    result = run_experiment(config, str(tmp_path / "run"), "eval", checkpoint=str(path))
+    assert result["num_gallery"] == 12 and result["num_queries"] == 24
+    assert 0.0 <= result["R1"] <= result["R5"] <= result["R10"] <= 100.0

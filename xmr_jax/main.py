@@ -1,8 +1,8 @@
 r"""Entry point: `python -m xmr_jax.main --config=configs/demo.py --workdir=/tmp/demo`.
 
 Config overrides: `--config.batch_size=32`, or big_vision style `--config=configs/demo.py:batch_size=32`.
-Modes: train_and_eval (default), train, eval (the latest checkpoint in --workdir, or
---checkpoint=DIR). Multi-host: jax.distributed is initialized from the TPU / SLURM environment or
+Modes: train_and_eval (default), train, eval (the latest checkpoint in --workdir, --checkpoint=DIR,
+or --checkpoint=best.pth: a PyTorch IRRA checkpoint, imported with its own class count). Multi-host: jax.distributed is initialized from the TPU / SLURM environment or
 from --coordinator_address/--num_processes/--process_id.
 """
 
@@ -17,7 +17,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (optionally with :key=value,...).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, config and metrics.")
 flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval"], "What to run.")
-flags.DEFINE_string("checkpoint", None, "eval mode: a workdir or checkpoints folder to evaluate (default --workdir).")
+flags.DEFINE_string("checkpoint", None, "eval mode: a workdir or checkpoints folder to evaluate (default "
+                    "--workdir), or a PyTorch IRRA checkpoint file (best.pth) to import and evaluate.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -62,9 +63,16 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
     else:
         from xmr_jax import parallel
 
-        model = get_family(config.model_family).build(config)
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-        params, step = checkpoints.load_params(checkpoint or os.path.join(workdir, "checkpoints"))
+        if checkpoint and os.path.isfile(checkpoint):  # a PyTorch IRRA checkpoint (best.pth)
+            from xmr_jax.convert.irra import load_irra
+
+            model, params = load_irra(checkpoint, image_size=tuple(config.data.image_size),
+                                      **dict(config.model.get("import_overrides", {})))
+            step = 0
+        else:
+            model = get_family(config.model_family).build(config)
+            params, step = checkpoints.load_params(checkpoint or os.path.join(workdir, "checkpoints"))
 
     result = evaluate_and_report(model, mesh, params, step)
     if jax.process_index() == 0:
