@@ -179,3 +179,38 @@ def tgdt_config(dataset: str, arg: str | None, batch_size: int, warmup_steps: in
     # The last epoch is reported (IRRA's reference picked the best epoch on the test split).
     config.eval_every_epochs = 0
     return config
+
+
+def synthetic_demo(config: ml_collections.ConfigDict, data_config: str, epochs: int, lr: float,
+                   grad_clip: float, shuffle_buffer: int) -> None:
+    """The CPU demos' shared pieces: tiny towers from scratch on synthetic_people, AdamW, float32.
+
+    Towers (shared/notes/demo-feasibility.md): ViT 8x8 patches on 64x32 images (32 patches + CLS),
+    width 128, 3 layers, 4 heads; causal text transformer width 128, 3 layers; 128-d embeddings.
+    The synthetic captions are at most 47 tokens long: a 48-token context (instead of CLIP's 77)
+    saves a third of the text tower's work; model and data share the one value. num_epochs is one
+    reference: --config.num_epochs=N also moves the schedule's end.
+    """
+    context = ml_collections.FieldReference(48)
+    config.model = ml_collections.ConfigDict()
+    config.model.clip = ml_collections.ConfigDict(dict(
+        preset="tiny", image_size=(64, 32), patch_size=8,
+        vision_width=128, vision_layers=3, vision_heads=4,
+        text_width=128, text_layers=3, text_heads=4, embed_dim=128, context_length=context,
+    ))
+    config.model.init_checkpoint = ""  # random init
+    config.data = ml_collections.ConfigDict(dict(
+        name="synthetic_people", config_name=data_config, data_dir="", manual_dir="",
+        image_size=(64, 32), augment=False, flip=True, mlm_prob=0.15,
+        train_split="train", eval_split="test", shuffle_buffer=shuffle_buffer, context_length=context,
+    ))
+    config.num_epochs = ml_collections.FieldReference(epochs)
+    config.optim = ml_collections.ConfigDict(dict(
+        name="adamw", lr=lr, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
+        schedule="step_warmup_cosine", warmup_epochs=0.5, warmup_factor=0.0,
+        num_epochs=config.get_ref("num_epochs"), grad_clip=grad_clip, param_groups=[],
+    ))
+    trainer_defaults(config)
+    config.precision = "float32"
+    config.log_every = 25
+    config.ckpt_every_steps = 500

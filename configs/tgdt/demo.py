@@ -35,35 +35,12 @@ def get_config(arg=None):
     config.loss_names = "cmc"
     config.num_classes = 0  # unused by TGDT
 
-    config.model = ml_collections.ConfigDict()
-    context = ml_collections.FieldReference(48)  # synthetic captions are <= 47 tokens
-    config.model.clip = ml_collections.ConfigDict(dict(
-        preset="tiny", image_size=(64, 32), patch_size=8,
-        vision_width=128, vision_layers=3, vision_heads=4,
-        text_width=128, text_layers=3, text_heads=4, embed_dim=128, context_length=context,
-    ))
-    config.model.init_checkpoint = ""  # random init
+    common.synthetic_demo(config, data_config="five_captions", epochs=arg.epochs, lr=arg.lr, grad_clip=2.0,
+                          shuffle_buffer=30_000)
     config.tgdt = common.tgdt_defaults("image_id")
     # From random towers the hardest-negative hinge collapses (all similarities equal, loss stuck
     # at 4 * B * margin, chance-level retrieval: seen with 1 epoch); the sum over negatives trains.
     config.tgdt.negatives = arg.negatives
-
-    config.data = ml_collections.ConfigDict(dict(
-        name="synthetic_people", config_name="five_captions", data_dir="", manual_dir="",
-        image_size=(64, 32), augment=False, flip=True, mlm_prob=0.15,
-        train_split="train", eval_split="test", shuffle_buffer=30_000, context_length=context,
-    ))
-
     config.batch_size = arg.batch_size
-    config.num_epochs = ml_collections.FieldReference(arg.epochs)
-    config.optim = ml_collections.ConfigDict(dict(
-        name="adamw", lr=arg.lr, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
-        schedule="step_warmup_cosine", warmup_epochs=0.5, warmup_factor=0.0,
-        num_epochs=config.get_ref("num_epochs"), grad_clip=2.0, param_groups=[],
-    ))
-    common.trainer_defaults(config)
-    config.precision = "float32"
-    config.log_every = 25
-    config.ckpt_every_steps = 500
     config.eval_batch_size = 200  # a multiple of 8 devices; 1000 images / 5000 captions in whole batches
     return config
