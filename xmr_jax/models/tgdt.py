@@ -19,11 +19,6 @@ from xmr_jax.models.clip import CLIP, clip_from_config
 KNOWN_LOSSES = ("cmc",)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 class TGDT(nn.Module):
     """Dual encoder whose outputs feed global and local (token-level) similarity."""
 
@@ -42,8 +37,8 @@ class TGDT(nn.Module):
         image_global, image_tokens, image_mask = self.base_model.encode_image(batch["images"])
         text_global, text_tokens, text_mask = self.base_model.encode_text(batch["text_ids"])
         return {
-            "image_global": l2_normalize(image_global),
-            "text_global": l2_normalize(text_global),
+            "image_global": losses.l2_normalize(image_global),
+            "text_global": losses.l2_normalize(text_global),
             "image_tokens": image_tokens,
             "image_mask": image_mask,
             "text_tokens": text_tokens,
@@ -65,7 +60,7 @@ def cmc_sum_loss(image_global, text_global, local_sim, margin: float, slack: flo
     image_global / text_global [B,D] (normalized inside), local_sim [B,B] (scaled), positive_mask
     [B,B] bool (the diagonal is always positive). Same intra-modal term as `losses.cmc_loss`.
     """
-    v, t = l2_normalize(image_global), l2_normalize(text_global)
+    v, t = losses.l2_normalize(image_global), losses.l2_normalize(text_global)
     negatives = ~(jnp.asarray(positive_mask, bool) | jnp.eye(v.shape[0], dtype=bool))
     intra = jnp.sum(jax.nn.relu(jnp.max(jnp.abs(t @ t.T - v @ v.T), axis=0) - slack))
     return _sum_hinge(v @ t.T, negatives, margin) + intra + _sum_hinge(local_sim.astype(jnp.float32), negatives, margin)
