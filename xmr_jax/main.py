@@ -44,9 +44,12 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
     kind = "caption" if config.model_family == "tgdt" else "person"
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
 
+    evaluators = {}  # one per (model, mesh): its jitted encoders compile once for all evaluations
+
     def evaluate_and_report(model, mesh, params, step: int) -> dict:
-        evaluator = evaluate.Evaluator(model, mesh, kind, data.gallery_iter, data.query_iter, config)
-        result = evaluator.run(params)
+        if (model, mesh) not in evaluators:
+            evaluators[model, mesh] = evaluate.Evaluator(model, mesh, kind, data.gallery_iter, data.query_iter, config)
+        result = evaluators[model, mesh].run(params)
         table = evaluate.report(result, workdir, step, writer)
         writer.flush()
         if jax.process_index() == 0:
@@ -55,7 +58,8 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
 
     if mode in ("train", "train_and_eval"):
         trained = train.train(config, workdir, data.train_iter, steps_per_epoch,
-                              periodic_eval=evaluate_and_report if mode == "train_and_eval" else None)
+                              periodic_eval=evaluate_and_report if mode == "train_and_eval" else None,
+                              writer=writer)
         if mode == "train" or trained.stopped:
             return {}
         model, mesh, params = trained.model, trained.mesh, trained.state.params

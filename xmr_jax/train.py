@@ -146,7 +146,8 @@ def _stack_mean(history: list[dict]) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callable[[int], Iterator],
-          steps_per_epoch: int, devices=None, periodic_eval: Callable | None = None) -> TrainResult:
+          steps_per_epoch: int, devices=None, periodic_eval: Callable | None = None,
+          writer: MetricWriter | None = None) -> TrainResult:
     """Trains `config.num_epochs` epochs (resuming from the latest checkpoint in `workdir`).
 
     Args:
@@ -155,6 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
       devices: the mesh's devices (default: all devices of all processes).
       periodic_eval: called as periodic_eval(model, mesh, params, step) every
         `config.eval_every_epochs` epochs (0 = never) before the last step.
+      writer: where scalars go (default: a new MetricWriter on `workdir`, chief process only).
     Returns: TrainResult(state, model, mesh, stopped).
     """
     family = get_family(config.model_family)
@@ -182,7 +184,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
-    writer = MetricWriter(workdir, enabled=is_chief)
+    writer = writer or MetricWriter(workdir, enabled=is_chief)
     progress = ProgressBar(total_steps, start_step, enabled=is_chief and config.progress_bar)
     checkpoints.reset_stop()
     checkpoints.install_signal_handlers()
