@@ -47,6 +47,8 @@ SKIP_SETUP=0
 DETACH=0
 EXTRA_ARGS=()
 while [[ $# -gt 0 ]]; do
+  # --opt=value means --opt value, as in gpu.sh and local_multihost.sh.
+  if [[ "$1" == --?*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --dry-run) DRY_RUN=1 ;;

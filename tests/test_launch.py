@@ -122,6 +122,17 @@ def test_tpu_dry_run_prints_every_command_and_runs_none(tpu_env):
     assert len(cmds) == 6
 
 
+def test_tpu_accepts_option_equals_value(tpu_env):
+    """`--opt=value` works as `--opt value` (as in gpu.sh and local_multihost.sh)."""
+    env, _ = tpu_env
+    spaced = _run(TPU, ["--dry-run", "--accelerator-type", "v5p-64", "--workdir", "gs://b/r2"], env)
+    equals = _run(TPU, ["--dry-run", "--accelerator-type=v5p-64", "--workdir=gs://b/r2"], env)
+    assert spaced.returncode == 0 and equals.returncode == 0, equals.stderr
+    drop_tarball = lambda cmds: [c for c in cmds if "xmr_jax_" not in c]  # temp file names differ
+    assert drop_tarball(_lines(equals.stdout)) == drop_tarball(_lines(spaced.stdout))
+    assert "--accelerator-type=v5p-64" in equals.stdout and "--workdir=gs://b/r2" in equals.stdout
+
+
 @pytest.mark.parametrize("exists", [True, False])
 def test_tpu_stubbed_run_reuses_or_creates(tpu_env, exists):
     env, log = tpu_env
