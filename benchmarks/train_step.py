@@ -1,14 +1,17 @@
 r"""Seconds per IRRA train step (sdm+id+mlm, Adam): xmr_jax's compiled step vs the same step in PyTorch.
 
-  python benchmarks/train_step.py                       # demo config and ViT-B/16 384x128 batch 8
-  python benchmarks/train_step.py --cases=demo --steps=20
+  python benchmarks/train_step.py                                   # tiny and ViT-B/16, float32 and bfloat16
+  python benchmarks/train_step.py --cases=vitb16_b64 --precisions=bfloat16 --steps=20   # on a GPU
 
-Synthetic batches (no TensorFlow needed, so it also runs on the GPU machines). The PyTorch side is
-transformers' CLIPModel towers with IRRA's heads and losses (benchmarks/torch_irra.py), same sizes,
-same Adam (eps 1e-3, L2 4e-5). The MLM head runs where each config says: the demo computes the
-49408-way logits at up to 6 masked positions per caption (model.mlm_max_predictions), the ViT-B/16
-case at every position like the reference; the PyTorch side always at every position. On a GPU it also prints the MFU of the compiled step from XLA's FLOP
-count (cost_analysis) against the chip's peak bf16 FLOP/s (--peak_tflops).
+Synthetic batches (no TensorFlow needed, so it also runs on the GPU machines): 30-word captions,
+15% of the words masked. The PyTorch side is transformers' CLIPModel towers with IRRA's heads and
+losses (benchmarks/torch_irra.py), same sizes, same Adam (eps 1e-3, L2 4e-5), computing the
+49408-way MLM output at every position as IRRA does; on a GPU in the same precision (bfloat16 =
+torch autocast), on CPU always in float32 (torch's fastest CPU path). The xmr_jax side runs the configs as shipped: the MLM output only at masked positions
+(exact, `model.mlm_chunk`) and the unmasked captions' text pass on the shortest length bucket
+(`model.text_length_buckets`). Prints the median step time of each side, their ratio and the load
+average; on a GPU also the MFU of the compiled step from XLA's FLOP count (cost_analysis) against
+the chip's peak bf16 FLOP/s (--peak_tflops).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from configs import demo
@@ -32,13 +36,28 @@ from xmr_jax.models.families import get_family
 
 
 def case_config(name: str, precision: str):
-    if name == "demo":
-        config = demo.get_config("loss_names=sdm+id+mlm")  # the demo towers with the full IRRA objective
-        config.num_classes = 1500
+    """The benchmark cases, built from the shipped configs (only sizes overridden).
+
+    tiny: IRRA's recipe (configs/irra, sdm+id+mlm, 11003 ids, batch 64, Adam with IRRA's groups)
+      on tiny towers: 64x32 images, 8x8 patches, width 128, 2 + 2 layers, 128-d embeddings.
+    vitb16: the shipped CUHK-PEDES config as is (ViT-B/16 at 384x128) at batch 8.
+    demo: configs/demo.py with the full IRRA objective.
+    """
+    if name == "tiny":
+        config = irra_config("cuhk_pedes", num_classes=11003, arg="batch_size=64,init=")
+        config.model.clip = ml_collections.ConfigDict(dict(
+            preset="tiny", image_size=(64, 32), patch_size=8, vision_width=128, vision_layers=2,
+            vision_heads=4, text_width=128, text_layers=2, text_heads=4, embed_dim=128))
+        config.data.image_size = (64, 32)
     elif name == "vitb16":
         config = irra_config("cuhk_pedes", num_classes=11003, arg="batch_size=8,init=")
+    elif name.startswith("vitb16_b"):
+        config = irra_config("cuhk_pedes", num_classes=11003, arg=f"batch_size={int(name[8:])},init=")
+    elif name == "demo":
+        config = demo.get_config("loss_names=sdm+id+mlm")  # the demo towers with the full IRRA objective
+        config.num_classes = 1500
     else:
-        raise ValueError(f"unknown case {name!r}; use demo or vitb16")
+        raise ValueError(f"unknown case {name!r}; use tiny, vitb16, vitb16_bN (batch N) or demo")
     config.precision = precision
     return config
 
@@ -62,7 +81,19 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def time_jax(config, batch, steps: int, warmup: int):
+def _median_step_seconds(run_step, sync, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        sync(run_step())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sync(run_step())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def compile_step(config, batch):
+    """(compiled train step, its initial state, the batch on device) for `config`."""
     family = get_family(config.model_family)
     model = family.build(config)
     params = train.init_params(model, config, config.data.image_size, jax.random.PRNGKey(0))
@@ -70,22 +101,47 @@ def time_jax(config, batch, steps: int, warmup: int):
     state = train.create_train_state(params, tx)
     step = jax.jit(train.make_train_step(model, family.losses, tx, config), donate_argnums=(0,))
     batch = jax.device_put(batch)
-    compiled = step.lower(state, batch).compile()
-    flops = None
+    return step.lower(state, batch).compile(), state, batch
+
+
+def executed_flops(config, batch) -> float | None:
+    """XLA's FLOP count of the path a step on `batch` runs. cost_analysis() adds up every branch
+    of a lax.cond / lax.switch, so this lowers the same step with one MLM pass and the text pass
+    already cut to the bucket the batch selects (valid when no caption holds more than
+    `mlm_chunk` targets, as in the synthetic batch)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    batch = dict(batch)
+    buckets = sorted(int(b) for b in (config.model.get("text_length_buckets") or ()))
+    needed = int(np.max(np.argmax(batch["text_ids"], axis=1))) + 1
+    length = next((b for b in buckets if needed <= b < batch["text_ids"].shape[1]), None)
+    if length:
+        batch["text_ids"] = batch["text_ids"][:, :length]
+    config.model.text_length_buckets = ()
+    if config.model.get("mlm_chunk"):
+        assert int((batch["mlm_labels"] != 0).sum(1).max()) <= config.model.mlm_chunk
+        config.model.mlm_max_passes = 1
+    compiled, _, _ = compile_step(config, batch)
     try:
         analysis = compiled.cost_analysis()
         analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-        flops = float(analysis.get("flops", 0.0)) or None
+        return float(analysis.get("flops", 0.0)) or None
     except Exception:  # cost analysis is best-effort on some backends
-        pass
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - t0) / steps, flops, float(metrics["loss"])
+        return None
+
+
+def time_jax(config, batch, steps: int, warmup: int):
+    """(median s/step, executed XLA FLOPs per step, last loss) of the compiled, donated train step."""
+    flops = executed_flops(config, batch)
+    compiled, state, batch = compile_step(config, batch)
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics
+
+    seconds = _median_step_seconds(run_step, jax.block_until_ready, steps, warmup)
+    metrics = run_step()
+    return seconds, flops, float(metrics["loss"])
 
 
 def time_torch(config, batch, steps: int, warmup: int, precision: str):
@@ -118,7 +174,9 @@ def time_torch(config, batch, steps: int, warmup: int, precision: str):
     images = tb["images"].permute(0, 3, 1, 2).contiguous()
     ids, mlm_ids = tb["text_ids"].long(), tb["mlm_ids"].long()
     pids, labels = tb["pids"].long(), tb["mlm_labels"].long()
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    # On CPU the reference runs float32 for both rows: torch's bfloat16 autocast on this CPU was
+    # 13x slower than its float32 (97 s vs 7.2 s per tiny step), so float32 is its best time.
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16" and device == "cuda")
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -128,46 +186,48 @@ def time_torch(config, batch, steps: int, warmup: int, precision: str):
         opt.step()
         return loss
 
-    for _ in range(warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, float(loss.detach())
+    sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
+    seconds = _median_step_seconds(step, sync, steps, warmup)
+    return seconds, float(step().detach())
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="demo,vitb16")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--cases", default="tiny,vitb16")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--precision", default=None, help="float32|bfloat16 (default: bf16 on GPU, f32 on CPU)")
-    parser.add_argument("--peak_tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100 SXM: 989)")
+    parser.add_argument("--precisions", default=None,
+                        help="comma list of float32,bfloat16 (default: bfloat16 on GPU, both on CPU)")
+    parser.add_argument("--peak_tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100/H200 SXM: 989)")
     parser.add_argument("--no_torch", action="store_true")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
-    precision = args.precision or ("bfloat16" if on_gpu else "float32")
+    precisions = (args.precisions or ("bfloat16" if on_gpu else "float32,bfloat16")).split(",")
     device = jax.devices()[0].device_kind
-    print(f"device: {device} ({jax.default_backend()}), jax {jax.__version__}, precision {precision}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
+    print(f"device: {device} ({jax.default_backend()}), jax {jax.__version__}, {os.cpu_count()} CPUs, "
+          f"median of {args.steps} timed steps after {args.warmup} warm-up; load average at start "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     rows = []
     for name in args.cases.split(","):
-        config = case_config(name, precision)
-        batch = synthetic_batch(config, np.random.default_rng(0))
-        s_jax, flops, _ = time_jax(config, batch, args.steps, args.warmup)
-        s_torch = None if args.no_torch else time_torch(config, batch, args.steps, args.warmup, precision)[0]
-        mfu = (flops / s_jax / (args.peak_tflops * 1e12)) if (on_gpu and flops) else None
-        rows.append((name, config.batch_size, s_jax, s_torch, flops, mfu))
-    print("\n| case | batch | xmr_jax s/step | img/s | PyTorch s/step | img/s | PyTorch/xmr_jax | GFLOP/step | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, b, sj, st, flops, mfu in rows:
-        ts = f"{st:.4f} | {b / st:.1f} | {st / sj:.2f}x" if st else "- | - | -"
-        print(f"| {name} | {b} | {sj:.4f} | {b / sj:.1f} | {ts} | "
+        for precision in precisions:
+            config = case_config(name, precision)
+            batch = synthetic_batch(config, np.random.default_rng(0))
+            s_jax, flops, loss_jax = time_jax(config, batch, args.steps, args.warmup)
+            s_torch = loss_torch = None
+            if not args.no_torch:
+                s_torch, loss_torch = time_torch(config, batch, args.steps, args.warmup, precision)
+            mfu = (flops / s_jax / (args.peak_tflops * 1e12)) if (on_gpu and flops) else None
+            rows.append((name, precision, config.batch_size, s_jax, s_torch, flops, mfu))
+            print(f"# {name} {precision}: xmr_jax {s_jax:.4f} s/step (loss {loss_jax:.3f}), torch "
+                  f"{s_torch if s_torch is None else round(s_torch, 4)} s/step (loss {loss_torch}); "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print("\n| case | precision | batch | xmr_jax s/step | img/s | PyTorch s/step | img/s | PyTorch/xmr_jax | GFLOP/step (XLA) | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, precision, b, sj, st, flops, mfu in rows:
+        ts = f"{st:.3f} | {b / st:.1f} | {st / sj:.2f}x" if st else "- | - | -"
+        print(f"| {name} | {precision} | {b} | {sj:.3f} | {b / sj:.1f} | {ts} | "
               f"{flops / 1e9 if flops else float('nan'):.1f} | {f'{100 * mfu:.1f}%' if mfu else '-'} |")
+    print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ The default objective is SDM + ID: on 2 CPU cores the IRR/MLM branch (a second t
 cross-modal transformer and a 49408-way output) triples the step time, so within the 5-minute
 budget it trains a third as many steps; `loss_names=sdm+id+mlm` runs the full IRRA objective.
 
-Arguments after ':' (comma-separated key=value): loss_names, epochs, batch_size, seed, mlm_k.
+Arguments after ':' (comma-separated key=value): loss_names, epochs, batch_size, seed.
 Towers follow shared/notes/demo-feasibility.md: ViT 8x8 patches on 64x32 images (32 patches +
 CLS), width 128, 3 layers, 4 heads; causal text transformer width 128, 3 layers; 128-d
 embeddings; trained from scratch with AdamW (the IRRA recipe's lr 1e-5 is for fine-tuning
@@ -20,7 +20,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, loss_names="sdm+id", epochs=3, batch_size=64, seed=0, mlm_k=6)
+    arg = common.parse_arg(arg, loss_names="sdm+id", epochs=3, batch_size=64, seed=0)
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
     config.model_family = "irra"
@@ -31,8 +31,10 @@ def get_config(arg=None):
                           shuffle_buffer=20_000)
     config.model.cross_depth = 1
     config.model.cross_heads = 4
-    # The 49408-way MLM output runs only at (up to) this many masked positions per caption.
-    config.model.mlm_max_predictions = arg.mlm_k
+    # The 49408-way MLM output runs only at masked positions, 8 per caption per pass (exact:
+    # a caption with more targets adds a pass).
+    config.model.mlm_chunk = 8
+    config.model.text_length_buckets = (24, 32, 40)
     config.model.logit_scale = 50.0
     config.batch_size = arg.batch_size
     config.eval_batch_size = 256

@@ -5,9 +5,11 @@ in torch), built tiny and random; its weights are converted with xmr_jax.convert
 Tolerance: float32, max abs diff <= 1e-5 on features and losses, <= 2e-5 on the 49408-way logits.
 """
 
+import jax
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 from benchmarks.torch_irra import TorchIRRA, irra_loss
 from tests.torch_reference import hf_to_openai_state_dict, random_token_ids, tiny_hf_clip
@@ -80,18 +82,55 @@ def test_forward_and_losses_match_torch(torch_irra, batch):
     check_parity(model, params, torch_irra, batch)
 
 
-def test_mlm_at_selected_positions_equals_all_positions(torch_irra, batch):
-    clip, params, _ = irra_state_dict_to_params(torch_irra.state_dict(), **HEADS)
-    kwargs = dict(base_model=clip, loss_names=("mlm",), num_classes=0, cross_depth=CROSS_DEPTH, cross_heads=2)
-    full = IRRA(**kwargs).apply({"params": params}, batch)
-    # Every row has at most this many targets, so the selected-position path is exact.
-    k = int((batch["mlm_labels"] != 0).sum(axis=1).max())
-    sparse = IRRA(**kwargs, mlm_max_predictions=k).apply({"params": params}, batch)
-    assert sparse["mlm_logits"].shape[1] == k
-    from xmr_jax.losses import mlm_loss
+def _loss_and_grads(model, params, batch):
+    def objective(p):
+        return compute_losses(model.apply({"params": p}, batch), batch, model.loss_names)
+    (total, parts), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+    return float(total), {k: float(v) for k, v in parts.items()}, grads
 
-    np.testing.assert_allclose(float(mlm_loss(sparse["mlm_logits"], sparse["mlm_labels"])),
-                               float(mlm_loss(full["mlm_logits"], full["mlm_labels"])), rtol=1e-6)
+
+@pytest.mark.parametrize("fill", ["sampled", "every_position"])
+def test_sparse_mlm_equals_dense_loss_and_gradients(torch_irra, batch, fill):
+    """The masked-positions-only MLM (passes of `chunk` targets per caption) equals the dense
+    all-positions loss, also for a batch at the maximum masked count (every position a target,
+    which needs every pass), and so do the gradients."""
+    clip, params, _ = irra_state_dict_to_params(torch_irra.state_dict(), **HEADS)
+    if fill == "every_position":
+        batch = dict(batch, mlm_labels=np.where(batch["mlm_labels"] > 0, batch["mlm_labels"], 7).astype(np.int32))
+    kwargs = dict(base_model=clip, loss_names=("sdm", "id", "mlm"), num_classes=NUM_CLASSES,
+                  cross_depth=CROSS_DEPTH, cross_heads=2)
+    dense = IRRA(**kwargs)
+    total, parts, grads = _loss_and_grads(dense, params, batch)
+    most = int((batch["mlm_labels"] != 0).sum(axis=1).max())
+    for chunk in ((3, most) if fill == "sampled" else (5,)):
+        sparse = IRRA(**kwargs, mlm_chunk=chunk, text_length_buckets=(8, 16, 40))
+        got_total, got_parts, got_grads = _loss_and_grads(sparse, params, batch)
+        np.testing.assert_allclose(got_parts["mlm_loss"], parts["mlm_loss"], rtol=1e-6, err_msg=f"chunk {chunk}")
+        np.testing.assert_allclose(got_total, total, rtol=1e-6, err_msg=f"chunk {chunk}")
+        for (path, g), want in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(grads)):
+            # float32 sums in another order: 1e-5 of the largest gradient entry, absolute.
+            np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-4,
+                                       atol=1e-5 * float(np.max(np.abs(want))),
+                                       err_msg=f"chunk {chunk}: {jax.tree_util.keystr(path)}")
+
+
+def test_sparse_mlm_never_builds_vocabulary_sized_tensors_at_every_position(torch_irra, batch):
+    """The compiled train objective holds no [B, T, V] array (no dense logits, one-hot or scatter)."""
+    clip, params, _ = irra_state_dict_to_params(torch_irra.state_dict(), **HEADS)
+    model = IRRA(base_model=clip, loss_names=("sdm", "id", "mlm"), num_classes=NUM_CLASSES,
+                 cross_depth=CROSS_DEPTH, cross_heads=2, mlm_chunk=4)
+
+    def objective(p):
+        return compute_losses(model.apply({"params": p}, batch), batch, model.loss_names)[0]
+
+    hlo = jax.jit(jax.grad(objective)).lower(params).compile().as_text()
+    b, t = batch["mlm_labels"].shape
+    assert f"[{b},{t},49408]" not in hlo.replace(" ", "")
+    assert "[4,4,49408]" in hlo.replace(" ", "")  # the per-pass logits: batch x chunk x vocabulary
+    dense = IRRA(base_model=clip, loss_names=("mlm",), num_classes=0, cross_depth=CROSS_DEPTH, cross_heads=2)
+    dense_hlo = jax.jit(jax.grad(lambda p: compute_losses(dense.apply({"params": p}, batch), batch,
+                                                           ("mlm",))[0])).lower(params).compile().as_text()
+    assert f"[{b},{t},49408]" in dense_hlo.replace(" ", "")  # the check above can fail
 
 
 def test_load_irra_best_pth_with_openai_keys(torch_irra, batch, tmp_path):

@@ -18,6 +18,7 @@ __all__ = [
     "sdm_loss",
     "id_loss",
     "mlm_loss",
+    "masked_cross_entropy_sum",
     "itc_loss",
     "cmpm_loss",
     "cmc_loss",
@@ -103,9 +104,27 @@ def _matching_kl(logits: jax.Array, q: jax.Array, eps: float) -> jax.Array:
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example CE. logits [..., C] float32, labels [...] int -> [...]."""
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    """Per-example integer-label CE. logits [..., C] float32, labels [...] int -> [...].
+
+    Written as logsumexp(logits) - logits[label] with the label picked by an iota comparison:
+    its gradient (softmax - onehot) is one fused elementwise pass, never a scatter into [..., C].
+    """
+    labels = jnp.asarray(labels).astype(jnp.int32)
+    classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    picked = jnp.sum(jnp.where(classes == labels[..., None], logits, 0.0), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def masked_cross_entropy_sum(logits, labels) -> tuple[jax.Array, jax.Array]:
+    """Sum of CE over positions with labels != 0, and their count (both float32 scalars).
+
+    logits [..., V], labels [...] int (0 = not a target). The MLM loss is sum / max(count, 1),
+    however the positions were split into pieces (see `xmr_jax.models.irra.sparse_mlm`).
+    """
+    labels = jnp.asarray(labels)
+    valid = labels != 0
+    ce = _cross_entropy(_f32(logits), labels)
+    return jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- IRRA losses
@@ -171,11 +190,7 @@ def mlm_loss(logits, labels):
             f"mlm_loss: `logits` must have shape labels.shape + (V,), got logits "
             f"{tuple(jnp.shape(logits))} and labels {tuple(jnp.shape(labels))}."
         )
-    labels = jnp.asarray(labels)
-    valid = labels != 0
-    ce = _cross_entropy(_f32(logits), labels)
-    count = jnp.sum(valid).astype(jnp.float32)
-    total = jnp.sum(jnp.where(valid, ce, 0.0))
+    total, count = masked_cross_entropy_sum(logits, labels)
     return total / jnp.maximum(count, 1.0)
 
 

@@ -7,6 +7,7 @@ Parameter names mirror the reference so the optimizer's name rules apply unchang
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -32,21 +33,21 @@ def parse_loss_names(loss_names: str, known: tuple[str, ...] = KNOWN_LOSSES) -> 
     return names
 
 
-def select_masked_positions(labels: jax.Array, max_predictions: int) -> tuple[jax.Array, jax.Array]:
-    """Picks up to `max_predictions` positions per row where labels != 0, in position order.
+def sort_targets(labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each caption's prediction targets first, in position order.
 
     Args:
       labels: int [B, T], 0 = not a prediction target.
     Returns:
-      positions int32 [B, K] and their labels int32 [B, K] (0 where a row has fewer targets).
+      positions int32 [B, T] (targets first, then the other positions), their labels int32
+      [B, T] (0 after the targets) and the largest number of targets in one caption (int32 []).
     """
     seq_len = labels.shape[1]
     is_target = labels != 0
-    # Targets first (in position order), then the rest: key = position, pushed back if no target.
     order_key = jnp.where(is_target, 0, seq_len) + jnp.arange(seq_len)[None, :]
-    positions = jnp.argsort(order_key, axis=1)[:, :max_predictions].astype(jnp.int32)
-    picked = jnp.take_along_axis(labels, positions, axis=1)
-    return positions, picked
+    positions = jnp.argsort(order_key, axis=1).astype(jnp.int32)
+    picked = jnp.take_along_axis(labels, positions, axis=1).astype(jnp.int32)
+    return positions, picked, jnp.max(jnp.sum(is_target, axis=1)).astype(jnp.int32)
 
 
 class MLMHead(nn.Module):
@@ -76,8 +77,15 @@ class IRRA(nn.Module):
       loss_names: which parts exist and which losses are computed.
       num_classes: training identities (ID classifier width).
       cross_depth / cross_heads: the cross-modal transformer (4 layers, 8 heads in IRRA).
-      mlm_max_predictions: if set, the 49408-way MLM output layer runs only at up to this many
-        masked positions per caption (exact whenever a caption has no more targets than that).
+      mlm_chunk: the 49408-way MLM output layer runs only at masked positions, this many per
+        caption in one pass; a batch whose fullest caption holds more targets runs further passes
+        (each under `lax.cond`, skipped when empty), so no target is ever dropped and the loss
+        equals the all-positions loss. None = every position (IRRA's dense computation).
+      mlm_max_passes: at most this many passes (None = as many as a full caption needs, exact).
+        Only for measuring the FLOPs of the usual path: XLA's cost analysis counts every branch.
+      text_length_buckets: the unmasked captions' text pass runs on the shortest bucket that
+        holds every caption's EOT token of the batch (a `lax.switch` over static lengths; the
+        tower is causal, so the EOT feature is unchanged). Empty = always the full context.
     """
 
     base_model: CLIP
@@ -85,7 +93,9 @@ class IRRA(nn.Module):
     num_classes: int
     cross_depth: int = 4
     cross_heads: int = 8
-    mlm_max_predictions: int | None = None
+    mlm_chunk: int | None = None
+    mlm_max_passes: int | None = None
+    text_length_buckets: tuple[int, ...] = ()
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -141,6 +151,47 @@ class IRRA(nn.Module):
         x = self.cross_modal_transformer(x)
         return self.ln_post(x)
 
+    def text_global(self, token_ids: jax.Array) -> jax.Array:
+        """Global text features [B, D] of token_ids int [B, T], on the shortest length bucket
+        that holds every EOT token (see `text_length_buckets`)."""
+        length = token_ids.shape[1]
+        buckets = sorted({int(b) for b in self.text_length_buckets if 0 < int(b) < length}) + [length]
+        if len(buckets) == 1 or self.is_initializing():
+            return self.base_model.encode_text(token_ids)[0]
+        needed = jnp.max(jnp.argmax(token_ids, axis=1)) + 1          # EOT is the largest id
+        index = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), needed.astype(jnp.int32))
+        branches = [functools.partial(_encode_text_prefix, length=b) for b in buckets]
+        return nn.switch(index, branches, self, token_ids)
+
+    def mlm_outputs(self, text_tokens: jax.Array, image_tokens: jax.Array,
+                    labels: jax.Array) -> dict[str, jax.Array]:
+        """IRR + MLM head. text_tokens [B,T,D] of the masked captions, image_tokens [B,L,D],
+        labels int [B,T] (0 = no target) -> mlm_ce_sum, mlm_count (float32 []), and with
+        mlm_chunk=None also mlm_logits [B,T,V] / mlm_labels [B,T]."""
+        x = self.cross_former(text_tokens, image_tokens)
+        seq_len = labels.shape[1]
+        if self.mlm_chunk is None or self.mlm_chunk >= seq_len:
+            logits = self.mlm_head(x)
+            ce_sum, count = losses.masked_cross_entropy_sum(logits, labels)
+            return {"mlm_logits": logits, "mlm_labels": labels, "mlm_ce_sum": ce_sum, "mlm_count": count}
+        chunk = int(self.mlm_chunk)
+        positions, picked, most = sort_targets(labels)
+        pad = (-seq_len) % chunk
+        positions = jnp.pad(positions, ((0, 0), (0, pad)))
+        picked = jnp.pad(picked, ((0, 0), (0, pad)))
+        ce_sum = count = jnp.zeros((), jnp.float32)
+        n_passes = -(-seq_len // chunk)
+        if self.mlm_max_passes is not None:
+            n_passes = max(1, min(n_passes, int(self.mlm_max_passes)))
+        for start in range(0, chunk * n_passes, chunk):
+            pos, lab = positions[:, start:start + chunk], picked[:, start:start + chunk]
+            if start == 0:
+                part = _mlm_chunk_loss(self, x, pos, lab)
+            else:  # only when some caption holds more than `start` targets
+                part = nn.cond(most > start, _mlm_chunk_loss, _no_mlm_chunk, self, x, pos, lab)
+            ce_sum, count = ce_sum + part[0], count + part[1]
+        return {"mlm_ce_sum": ce_sum, "mlm_count": count}
+
     def __call__(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Forward pass for training.
 
@@ -148,24 +199,32 @@ class IRRA(nn.Module):
           batch: images [B,H,W,3], text_ids int [B,T]; with MLM also mlm_ids, mlm_labels [B,T].
         Returns:
           dict with image_feats / text_feats float32 [B,D] (unnormalized); image_logits /
-          text_logits [B,C] with the ID loss; mlm_logits [B,K,V] and mlm_labels [B,K] with MLM.
+          text_logits [B,C] with the ID loss; with MLM the outputs of `mlm_outputs`.
         """
         image_feats, image_tokens, _ = self.base_model.encode_image(batch["images"])
-        text_feats, _, _ = self.base_model.encode_text(batch["text_ids"])
+        text_feats = self.text_global(batch["text_ids"])
         out = {"image_feats": image_feats.astype(jnp.float32), "text_feats": text_feats.astype(jnp.float32)}
         if "id" in self.loss_names:
             out["image_logits"] = self.classifier(out["image_feats"])
             out["text_logits"] = self.classifier(out["text_feats"])
         if "mlm" in self.loss_names:
             _, mlm_tokens, _ = self.base_model.encode_text(batch["mlm_ids"])
-            x = self.cross_former(mlm_tokens, image_tokens)
-            labels = batch["mlm_labels"]
-            if self.mlm_max_predictions is not None and self.mlm_max_predictions < labels.shape[1]:
-                positions, labels = select_masked_positions(labels, self.mlm_max_predictions)
-                x = jnp.take_along_axis(x, positions[:, :, None], axis=1)
-            out["mlm_logits"] = self.mlm_head(x)
-            out["mlm_labels"] = labels
+            out.update(self.mlm_outputs(mlm_tokens, image_tokens, batch["mlm_labels"]))
         return out
+
+
+def _encode_text_prefix(mdl: IRRA, token_ids: jax.Array, length: int) -> jax.Array:
+    return mdl.base_model.encode_text(token_ids[:, :length])[0]
+
+
+def _mlm_chunk_loss(mdl: IRRA, x, positions, labels):
+    """MLM CE sum and count at positions int [B,K] of x [B,T,D] (labels [B,K], 0 = padding)."""
+    logits = mdl.mlm_head(jnp.take_along_axis(x, positions[:, :, None], axis=1))
+    return losses.masked_cross_entropy_sum(logits, labels)
+
+
+def _no_mlm_chunk(mdl: IRRA, x, positions, labels):
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
 
 
 def compute_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
@@ -182,7 +241,7 @@ def compute_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Arr
     if "id" in loss_names:
         parts["id_loss"] = losses.id_loss(outputs["image_logits"], outputs["text_logits"], pids)
     if "mlm" in loss_names:
-        parts["mlm_loss"] = losses.mlm_loss(outputs["mlm_logits"], outputs["mlm_labels"])
+        parts["mlm_loss"] = outputs["mlm_ce_sum"] / jnp.maximum(outputs["mlm_count"], 1.0)
     total = sum(parts.values())
     return total, parts
 
@@ -199,6 +258,8 @@ def build_irra(config) -> IRRA:
         num_classes=int(config.num_classes),
         cross_depth=config.model.get("cross_depth", 4),
         cross_heads=config.model.get("cross_heads", 8),
-        mlm_max_predictions=config.model.get("mlm_max_predictions", None),
+        mlm_chunk=config.model.get("mlm_chunk", None),
+        mlm_max_passes=config.model.get("mlm_max_passes", None),
+        text_length_buckets=tuple(config.model.get("text_length_buckets", ()) or ()),
         dtype=dtype,
     )
