@@ -23,18 +23,22 @@ all-gathered and merged by a second top-k; the result equals the single-device o
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import math
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from xmr_jax.similarity import (_check_tokens, _compute_dtype, _precision, global_similarity,
-                                l2_normalize, local_similarity, local_similarity_candidates)
+from xmr_jax.similarity import (_check_tokens, _compute_dtype, _local_tiled, _normalize_tokens,
+                                _precision, auto_blocks, compact_tokens, global_similarity,
+                                l2_normalize, local_similarity, local_similarity_candidates,
+                                normalize_tokens)
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # working-set bound per query chunk
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # working-set bound per query chunk (all devices' queries)
 DIRECTIONS = ("t2i", "i2t")
+Axis = Union[str, Sequence[str]]
 
 try:  # jax >= 0.7 spells it jax.shard_map (check_vma); older: jax.experimental (check_rep)
     _shard_map = functools.partial(jax.shard_map, check_vma=False)
@@ -55,13 +59,64 @@ def exhaustive_global(query_global: jax.Array, gallery_global: jax.Array) -> jax
     return global_similarity(query_global, gallery_global)
 
 
+class Features(NamedTuple):
+    """One side of a search (queries or gallery), prepared once by :func:`prepare_features`.
+
+    global_features [N, D] float32 and tokens [N, L, D] L2-normalized, tokens in the compute
+    dtype, mask [N, L] bool, token axis compacted to the valid window. Unpacks as
+    (global, tokens, mask), the positional arguments of the search functions; pass
+    ``normalized=True`` with it.
+    """
+    global_features: jax.Array
+    tokens: Optional[jax.Array] = None
+    mask: Optional[jax.Array] = None
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _prepare_jit(global_features, tokens, *, dtype):
+    tokens = None if tokens is None else normalize_tokens(tokens, dtype)
+    return l2_normalize(global_features), tokens
+
+
+def prepare_features(global_features, tokens=None, mask=None, compute_dtype=None,
+                     compact: bool = True) -> Features:
+    """Normalizes global features (float32) and tokens (stored in ``compute_dtype``, default the
+    tokens' dtype) once, and slices the token axis to its valid window (``compact``, exact).
+    Elementwise on device: a sharded input stays sharded. Use with ``normalized=True``."""
+    if tokens is None:
+        return Features(_prepare_jit(jnp.asarray(global_features), None, dtype=None)[0])
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask).astype(bool)
+    _check_tokens(tokens, mask, "")
+    if compact:
+        tokens, mask = compact_tokens(tokens, mask)
+    dtype = _compute_dtype(compute_dtype, tokens)
+    g, t = _prepare_jit(jnp.asarray(global_features), tokens, dtype=dtype)
+    return Features(g, t, mask)
+
+
 def exhaustive_local(query_tokens, query_mask, gallery_tokens, gallery_mask,
-                     direction: str = "t2i", local_scale: float = 10.0, **block_kwargs):
+                     direction: str = "t2i", local_scale: float = 10.0, mesh: Optional[Mesh] = None,
+                     axis: Axis = "data", gallery_valid=None, query_chunk: Optional[int] = None,
+                     **block_kwargs):
     """Local similarity of every query against every gallery item -> float32 [Nq, Ng].
 
     t2i: query = texts [Nq, Lt, D], gallery = images [Ng, Li, D]; i2t: the other way round.
-    ``block_kwargs`` go to :func:`xmr_jax.similarity.local_similarity` (tiling, compute dtype).
+    ``block_kwargs`` go to :func:`xmr_jax.similarity.local_similarity` (tiling, compute dtype,
+    ``normalized``). With ``mesh``: gallery and queries sharded over ``axis``, queries gathered a
+    chunk at a time; the result is sharded over the gallery (columns); invalid gallery columns
+    (``gallery_valid`` False) hold -inf. Cost: all pairs x all valid tokens (Nq x Ng x Lq x Lg x
+    D multiply-adds) -- e.g. ~10^15 at COCO-5K size.
     """
+    if mesh is not None:
+        kw = {k: block_kwargs.pop(k) for k in ("compute_dtype", "precision", "normalized")
+              if k in block_kwargs}
+        if block_kwargs:
+            raise ValueError(f"with mesh, exhaustive_local takes no {sorted(block_kwargs)}")
+        rows, n_q, n_g = _run_search(
+            "local", None, query_tokens, query_mask, None, gallery_tokens, gallery_mask,
+            gallery_valid, 1, direction, local_scale, query_chunk, mesh, axis, None,
+            kw.get("compute_dtype"), kw.get("precision"), kw.get("normalized", False))
+        return _unpad(rows, n_q, n_g)
     if _query_modality(direction) == "text":
         return local_similarity(gallery_tokens, gallery_mask, query_tokens, query_mask,
                                 local_scale, **block_kwargs).T
@@ -79,7 +134,8 @@ def exhaustive_two_stage_equivalent(query_global, query_tokens, query_mask, gall
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-chunk kernel (runs on one device over the gallery it holds).
+# Per-chunk kernels (run on one device over the gallery shard it holds). Inputs are normalized:
+# q_glob [c, D] / g_glob [G_loc, D] float32, tokens in the compute dtype, masks bool.
 
 
 def _merge_topk(vals, idx, k, axis_name):
@@ -92,26 +148,51 @@ def _merge_topk(vals, idx, k, axis_name):
     return top_vals, jnp.take_along_axis(all_idx, pos, axis=1)
 
 
-def _chunk_two_stage(q_glob, q_tok, q_mask, g_glob, g_tok, g_mask, g_valid, scale, *, k, k_loc,
-                     modality, axis_name, out_k, dtype, precision):
+def _offset(axis_name, n_loc):
+    return 0 if axis_name is None else jax.lax.axis_index(axis_name) * n_loc
+
+
+def _global_rows(q_glob, g_glob, g_valid):
+    s_g = jnp.matmul(q_glob, g_glob.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(g_valid[None, :], s_g, -jnp.inf)              # invalid: never selected
+
+
+def _chunk_global(q_glob, q_tok, q_mask, *, g_glob, g_valid, **_):
+    return _global_rows(q_glob, g_glob, g_valid)
+
+
+def _chunk_local(q_glob, q_tok, q_mask, *, g_tok, g_mask, g_valid, scale, modality, precision,
+                 **_):
+    """All-pairs local similarity of the chunk against the local gallery -> [c, G_loc]."""
+    if modality == "text":
+        img, imk, txt, txk = g_tok, g_mask, q_tok, q_mask
+    else:
+        img, imk, txt, txk = q_tok, q_mask, g_tok, g_mask
+    bi, bt = auto_blocks(img.shape[0], txt.shape[0], img.shape[1], txt.shape[1])
+    out = _local_tiled(img, imk, txt, txk, scale, image_block=bi, text_block=bt,
+                       dtype=img.dtype, precision=precision, normalized=True)
+    out = out.T if modality == "text" else out
+    return jnp.where(g_valid[None, :], out, -jnp.inf)
+
+
+def _chunk_two_stage(q_glob, q_tok, q_mask, *, g_glob, g_tok, g_mask, g_valid, scale, k, k_loc,
+                     modality, axis_name, out_k, precision):
     """One chunk of c queries against the local gallery (G_loc items).
 
-    q_glob [c, D] normalized f32, g_glob [G_loc, D] normalized f32, g_valid [G_loc] bool.
     Returns (rows [c, G_loc] two-stage keys, or top-out_k (keys, global idx) when out_k),
     plus candidates sorted by s_g + s_l: (idx [c, k] global, scores [c, k]).
     """
     n_loc = g_glob.shape[0]
-    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n_loc
-    s_g = jnp.matmul(q_glob, g_glob.T, precision=jax.lax.Precision.HIGHEST)
-    s_g = jnp.where(g_valid[None, :], s_g, -jnp.inf)              # padding never selected
+    offset = _offset(axis_name, n_loc)
+    s_g = _global_rows(q_glob, g_glob, g_valid)
     vals, idx = jax.lax.top_k(s_g, k_loc)                          # local candidates
-    if k_loc:
-        cand_tok = jnp.take(g_tok, idx, axis=0)                    # [c, k_loc, L, D]
-        cand_mask = jnp.take(g_mask, idx, axis=0)
-        s_l = local_similarity_candidates(q_tok, q_mask, cand_tok, cand_mask, modality, scale,
-                                          compute_dtype=dtype, precision=precision)
-    else:
-        s_l = jnp.zeros_like(vals)
+    # One gather of the candidates' (normalized, compacted) tokens: [c, k_loc, Lc, D], then one
+    # batched matmul per chunk, float32 accumulation; masked max/sum fused with it.
+    cand_tok = jnp.take(g_tok, idx, axis=0, mode="clip")
+    cand_mask = jnp.take(g_mask, idx, axis=0, mode="clip")
+    s_l = local_similarity_candidates(q_tok, q_mask, cand_tok, cand_mask, modality, scale,
+                                      compute_dtype=g_tok.dtype, precision=precision,
+                                      normalized=True)
     # Merge over devices: s_l rides along with its candidate (reranked where the tokens live).
     cand_idx, s_l_all, vals_all = idx + offset, s_l, vals
     if axis_name is not None:
@@ -137,131 +218,246 @@ def _chunk_two_stage(q_glob, q_tok, q_mask, g_glob, g_tok, g_mask, g_valid, scal
     return (keys, top_idx), cand_sorted, order_scores
 
 
+_KERNELS = {"two_stage": _chunk_two_stage, "global": _chunk_global, "local": _chunk_local}
+
+
+def _stack_chunks(chunk, arrays):
+    n = next(a for a in arrays if a is not None).shape[0]
+    pad = (-n) % chunk
+    padded = [None if a is None else jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+              for a in arrays]
+    return n, tuple(None if a is None else a.reshape(-1, chunk, *a.shape[1:]) for a in padded)
+
+
 def _map_chunks(fn, chunk, *arrays):
     """Runs fn over row chunks of the (query) arrays with lax.map; pads and un-pads rows."""
-    n = arrays[0].shape[0]
-    pad = (-n) % chunk
-    padded = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
-    stacked = [a.reshape(-1, chunk, *a.shape[1:]) for a in padded]
-    out = jax.lax.map(lambda xs: fn(*xs), tuple(stacked))
+    n, stacked = _stack_chunks(chunk, arrays)
+    out = jax.lax.map(lambda xs: fn(*xs), stacked)
     return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:])[:n], out)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "modality", "chunk", "mesh", "axis", "out_k",
-                                             "dtype", "precision"))
-def _two_stage_jit(q_glob, q_tok, q_mask, g_glob, g_tok, g_mask, g_valid, scale, *, k, modality,
-                   chunk, mesh, axis, out_k, dtype, precision):
-    q_glob = l2_normalize(q_glob)
-    g_glob = l2_normalize(g_glob)
-    n_dev = 1 if mesh is None else mesh.shape[axis]
-    k_loc = min(k, g_glob.shape[0] // n_dev)
+def _map_gathered_chunks(fn, chunk, axis_name, n_dev, *arrays):
+    """Like _map_chunks over this device's query rows, but each step all-gathers one chunk from
+    every device, so fn sees [n_dev * chunk] queries (the whole query set never is gathered).
+    Outputs come back in global query order: rows of device d are [d * n_local, (d+1) * n_local).
+    """
+    n, stacked = _stack_chunks(chunk, arrays)
+    gather = lambda x: None if x is None else jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+    out = jax.lax.map(lambda xs: fn(*map(gather, xs)), stacked)   # [steps, n_dev * chunk, ...]
+
+    def unstack(o):
+        o = o.reshape(o.shape[0], n_dev, chunk, *o.shape[2:])
+        o = jnp.swapaxes(o, 0, 1).reshape(n_dev, -1, *o.shape[3:])[:, :n]
+        return o.reshape(n_dev * n, *o.shape[2:])
+
+    return jax.tree.map(unstack, out)
+
+
+def _axis_tuple(axis: Axis) -> tuple[str, ...]:
+    return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def _axis_size(mesh: Mesh, axis: Axis) -> int:
+    axes = _axis_tuple(axis)
+    for a in axes:
+        if a not in mesh.shape:
+            raise ValueError(f"mesh has axes {tuple(mesh.shape)}; expected an axis {a!r}")
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "k", "modality", "chunk", "mesh", "axis",
+                                             "out_k", "dtype", "precision", "normalized"))
+def _search_jit(q_glob, q_tok, q_mask, g_glob, g_tok, g_mask, g_valid, scale, *, mode, k,
+                modality, chunk, mesh, axis, out_k, dtype, precision, normalized):
+    # Normalized once here (elementwise: sharded inputs stay sharded), never per query chunk.
+    norm_glob = (lambda x: x.astype(jnp.float32)) if normalized else l2_normalize
+    q_glob = None if q_glob is None else norm_glob(q_glob)
+    g_glob = None if g_glob is None else norm_glob(g_glob)
+    if q_tok is not None:
+        q_tok = _normalize_tokens(q_tok, dtype, normalized)
+        g_tok = _normalize_tokens(g_tok, dtype, normalized)
+    n_dev = 1 if mesh is None else _axis_size(mesh, axis)
+    n_loc = g_valid.shape[0] // n_dev
+    axis_name = None if mesh is None else axis
 
     def per_device(qg, qt, qm, gg, gt, gm, gv, sc):
         kernel = functools.partial(
-            _chunk_two_stage, g_glob=gg, g_tok=gt, g_mask=gm, g_valid=gv, scale=sc, k=k,
-            k_loc=k_loc, modality=modality, axis_name=None if mesh is None else axis,
-            out_k=out_k, dtype=dtype, precision=precision)
-        return _map_chunks(kernel, chunk, qg, qt, qm)
+            _KERNELS[mode], g_glob=gg, g_tok=gt, g_mask=gm, g_valid=gv, scale=sc, k=k,
+            k_loc=min(k, n_loc), modality=modality, axis_name=axis_name, out_k=out_k,
+            precision=precision)
+        if axis_name is None:
+            return _map_chunks(kernel, chunk, qg, qt, qm)
+        return _map_gathered_chunks(kernel, chunk, axis_name, n_dev, qg, qt, qm)
 
+    args = (q_glob, q_tok, q_mask, g_glob, g_tok, g_mask, g_valid, scale)
     if mesh is None:
-        return per_device(q_glob, q_tok, q_mask, g_glob, g_tok, g_mask, g_valid, scale)
-    rows_spec = P() if out_k is not None else P(None, axis)
-    out_specs = ((P(), P()) if out_k is not None else rows_spec, P(), P())
-    fn = _shard_map(per_device, mesh=mesh,
-                    in_specs=(P(), P(), P(), P(axis), P(axis), P(axis), P(axis), P()),
+        return per_device(*args)
+    rows_spec = P(None, axis)                         # [Nq, Ng] sharded over the gallery
+    if mode != "two_stage":
+        out_specs = rows_spec
+    else:
+        out_specs = ((P(), P()) if out_k is not None else rows_spec, P(), P())
+    fn = _shard_map(per_device, mesh=mesh, in_specs=(P(axis),) * 7 + (P(),),
                     out_specs=out_specs)
-    return fn(q_glob, q_tok, q_mask, g_glob, g_tok, g_mask, g_valid, scale)
+    return fn(*args)
 
 
-def _auto_chunk(n_query, n_gallery_local, k_loc, l_query, l_cand, dim, itemsize,
+def _auto_chunk(mode, n_query, n_dev, n_gallery_local, k_loc, l_query, l_cand, dim, itemsize,
                 budget=DEFAULT_CHUNK_BYTES):
-    per_query = (3 * 4 * n_gallery_local                       # s_g, keys, where
-                 + 2 * k_loc * l_cand * dim * max(itemsize, 4)  # gathered + normalized tokens
-                 + 2 * 4 * k_loc * l_cand * l_query)            # cosines (+ masked copy)
-    return int(max(1, min(n_query, budget // max(per_query, 1))))
+    """Queries per device per step so that one step (n_dev * chunk queries) fits ``budget``."""
+    per_query = 3 * 4 * n_gallery_local                          # s_g, keys, rows
+    if mode == "two_stage":
+        per_query += (k_loc * l_cand * dim * itemsize              # gathered candidate tokens
+                      + 4 * k_loc * l_cand * l_query)             # float32 cosines
+    elif mode == "local":
+        per_query += 4 * n_gallery_local                          # + tiles bounded by tile_bytes
+    return int(max(1, min(n_query, budget // max(n_dev * per_query, 1))))
 
 
-def _run_two_stage(query_global, query_tokens, query_mask, gallery_global, gallery_tokens,
-                   gallery_mask, k, direction, local_scale, query_chunk, mesh, axis, out_k,
-                   compute_dtype, precision):
+def _pad_rows_to(x, multiple):
+    pad = (-x.shape[0]) % multiple
+    if pad == 0:
+        return x
+    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+
+
+def _run_search(mode, query_global, query_tokens, query_mask, gallery_global, gallery_tokens,
+                gallery_mask, gallery_valid, k, direction, local_scale, query_chunk, mesh, axis,
+                out_k, compute_dtype, precision, normalized):
+    """Validates, compacts the token axes (host: only [L] bools come back), pads rows for the
+    mesh and runs _search_jit. Returns (outputs with padded rows/cols, n_queries, n_gallery)."""
     modality = _query_modality(direction)
-    query_tokens, gallery_tokens = jnp.asarray(query_tokens), jnp.asarray(gallery_tokens)
-    query_mask = jnp.asarray(query_mask).astype(bool)
-    gallery_mask = jnp.asarray(gallery_mask).astype(bool)
-    query_global, gallery_global = jnp.asarray(query_global), jnp.asarray(gallery_global)
-    _check_tokens(query_tokens, query_mask, "query")
-    _check_tokens(gallery_tokens, gallery_mask, "gallery")
-    n_q, n_g = query_global.shape[0], gallery_global.shape[0]
-    if query_global.ndim != 2 or gallery_global.ndim != 2 or \
-            query_global.shape[1] != gallery_global.shape[1]:
-        raise ValueError(f"query_global [Nq,D] and gallery_global [Ng,D] must share D; got "
-                         f"{tuple(query_global.shape)} and {tuple(gallery_global.shape)}")
-    if query_tokens.shape[0] != n_q or gallery_tokens.shape[0] != n_g:
-        raise ValueError(f"tokens must have one row per global feature: query_tokens "
-                         f"{tuple(query_tokens.shape)} vs {n_q} queries, gallery_tokens "
-                         f"{tuple(gallery_tokens.shape)} vs {n_g} gallery items")
-    if query_tokens.shape[-1] != gallery_tokens.shape[-1]:
-        raise ValueError(f"query_tokens and gallery_tokens must share D; got "
-                         f"{query_tokens.shape[-1]} and {gallery_tokens.shape[-1]}")
+    use_global = mode in ("two_stage", "global")
+    use_tokens = mode in ("two_stage", "local")
+    if use_global:
+        query_global, gallery_global = jnp.asarray(query_global), jnp.asarray(gallery_global)
+        if query_global.ndim != 2 or gallery_global.ndim != 2 or \
+                query_global.shape[1] != gallery_global.shape[1]:
+            raise ValueError(f"query_global [Nq,D] and gallery_global [Ng,D] must share D; got "
+                             f"{tuple(query_global.shape)} and {tuple(gallery_global.shape)}")
+        n_q, n_g = query_global.shape[0], gallery_global.shape[0]
+    else:
+        query_global = gallery_global = None
+    if use_tokens:
+        query_tokens, gallery_tokens = jnp.asarray(query_tokens), jnp.asarray(gallery_tokens)
+        query_mask = jnp.asarray(query_mask).astype(bool)
+        gallery_mask = jnp.asarray(gallery_mask).astype(bool)
+        _check_tokens(query_tokens, query_mask, "query")
+        _check_tokens(gallery_tokens, gallery_mask, "gallery")
+        if not use_global:
+            n_q, n_g = query_tokens.shape[0], gallery_tokens.shape[0]
+        if query_tokens.shape[0] != n_q or gallery_tokens.shape[0] != n_g:
+            raise ValueError(f"tokens must have one row per global feature: query_tokens "
+                             f"{tuple(query_tokens.shape)} vs {n_q} queries, gallery_tokens "
+                             f"{tuple(gallery_tokens.shape)} vs {n_g} gallery items")
+        if query_tokens.shape[-1] != gallery_tokens.shape[-1]:
+            raise ValueError(f"query_tokens and gallery_tokens must share D; got "
+                             f"{query_tokens.shape[-1]} and {gallery_tokens.shape[-1]}")
+        # No work on padding: slice both token axes to their valid windows (exact).
+        query_tokens, query_mask = compact_tokens(query_tokens, query_mask)
+        gallery_tokens, gallery_mask = compact_tokens(gallery_tokens, gallery_mask)
+        dtype = _compute_dtype(compute_dtype, query_tokens, gallery_tokens)
+    else:
+        query_tokens = query_mask = gallery_tokens = gallery_mask = None
+        dtype = jnp.dtype(jnp.float32)
     if int(k) < 1:
         raise ValueError(f"k (candidates reranked per query) must be >= 1; got {k}")
     if n_g == 0:
         raise ValueError("the gallery is empty")
     k = min(int(k), n_g)
-    n_dev = 1
-    if mesh is not None:
-        if axis not in mesh.shape:
-            raise ValueError(f"mesh has axes {tuple(mesh.shape)}; expected an axis {axis!r}")
-        n_dev = mesh.shape[axis]
-    g_valid = jnp.ones((n_g,), bool)
-    pad = (-n_g) % n_dev
-    if pad:  # entries that can never be selected (s_g = -inf, no valid tokens)
-        padw = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-        gallery_global, gallery_tokens, gallery_mask, g_valid = map(
-            padw, (gallery_global, gallery_tokens, gallery_mask, g_valid))
-    n_loc = gallery_global.shape[0] // n_dev
-    dtype = _compute_dtype(compute_dtype, query_tokens, gallery_tokens)
+    n_dev = 1 if mesh is None else _axis_size(mesh, axis)
+    if gallery_valid is None:
+        g_valid = jnp.ones((n_g,), bool)
+    else:
+        g_valid = jnp.asarray(gallery_valid).astype(bool)
+        if g_valid.shape != (n_g,):
+            raise ValueError(f"gallery_valid must have shape ({n_g},); got {g_valid.shape}")
+    # Rows that can never be selected (s_g = -inf, no valid tokens) so every device holds as
+    # many; queries padded likewise with a mesh (their rows are sliced off). No-op when divisible.
+    gallery_global, gallery_tokens, gallery_mask, g_valid = (
+        None if a is None else _pad_rows_to(a, n_dev)
+        for a in (gallery_global, gallery_tokens, gallery_mask, g_valid))
+    query_global, query_tokens, query_mask = (
+        None if a is None else _pad_rows_to(a, n_dev)
+        for a in (query_global, query_tokens, query_mask))
+    n_loc = g_valid.shape[0] // n_dev
+    n_q_loc = -(-n_q // n_dev)
     if query_chunk is None:
-        query_chunk = _auto_chunk(n_q, n_loc, min(k, n_loc), query_tokens.shape[1],
-                                  gallery_tokens.shape[1], gallery_tokens.shape[2],
+        l_q = 0 if query_tokens is None else query_tokens.shape[1]
+        l_c = 0 if gallery_tokens is None else gallery_tokens.shape[1]
+        d = 0 if gallery_tokens is None else gallery_tokens.shape[2]
+        query_chunk = _auto_chunk(mode, n_q_loc, n_dev, n_loc, min(k, n_loc), l_q, l_c, d,
                                   jnp.dtype(dtype).itemsize)
-    query_chunk = max(1, min(int(query_chunk), max(n_q, 1)))
-    out = _two_stage_jit(query_global, query_tokens, query_mask, gallery_global, gallery_tokens,
-                         gallery_mask, g_valid, jnp.asarray(local_scale, jnp.float32), k=k,
-                         modality=modality, chunk=query_chunk, mesh=mesh, axis=axis,
-                         out_k=out_k, dtype=dtype, precision=_precision(precision, dtype))
-    return out, n_g
+    query_chunk = max(1, min(int(query_chunk), max(n_q_loc, 1)))
+    out = _search_jit(query_global, query_tokens, query_mask, gallery_global, gallery_tokens,
+                      gallery_mask, g_valid, jnp.asarray(local_scale, jnp.float32), mode=mode,
+                      k=k, modality=modality, chunk=query_chunk, mesh=mesh,
+                      axis=None if mesh is None else _axis_tuple(axis), out_k=out_k,
+                      dtype=jnp.dtype(dtype), precision=_precision(precision, dtype),
+                      normalized=bool(normalized))
+    return out, n_q, n_g
+
+
+def _unpad(x, n_rows, n_cols=None):
+    """Drops padded rows (and columns); no slicing (which would re-layout a sharded result)
+    when nothing was padded."""
+    if x.shape[0] != n_rows:
+        x = x[:n_rows]
+    if n_cols is not None and x.shape[1] != n_cols:
+        x = x[:, :n_cols]
+    return x
 
 
 def two_stage_scores(query_global, query_tokens, query_mask, gallery_global, gallery_tokens,
                      gallery_mask, k: int, direction: str = "t2i", local_scale: float = 10.0,
                      query_chunk: Optional[int] = None, mesh: Optional[Mesh] = None,
-                     axis: str = "data", return_candidates: bool = False, compute_dtype=None,
-                     precision=None):
+                     axis: Axis = "data", return_candidates: bool = False, compute_dtype=None,
+                     precision=None, normalized: bool = False, gallery_valid=None):
     """Two-stage retrieval scores: float32 [Nq, Ng] whose row-wise descending order is the
     two-stage ranking (see module docstring).
 
     Args:
-      query_global [Nq, D], gallery_global [Ng, D]: global features (unnormalized).
+      query_global [Nq, D], gallery_global [Ng, D]: global features.
       query_tokens [Nq, Lq, D] / query_mask [Nq, Lq] bool; gallery_tokens [Ng, Lg, D] /
         gallery_mask [Ng, Lg] bool. t2i: queries are texts, gallery images; i2t: reverse.
       k: candidates reranked per query (t2i 100, i2t 50 in TGDT); k >= Ng reranks everything.
       local_scale: scale of the local similarity (10).
-      query_chunk: queries per lax.map step (None: chosen to keep a chunk under ~256 MiB).
-      mesh: optional jax.sharding.Mesh; the gallery is sharded over its axis ``axis``.
+      query_chunk: queries per lax.map step (per device with a mesh; None: chosen to keep a
+        step under ~256 MiB).
+      mesh: optional jax.sharding.Mesh; gallery and queries are sharded over its axis (or tuple
+        of axes) ``axis``; the result is sharded over the gallery (columns).
       return_candidates: also return (idx [Nq, k] int32, scores [Nq, k] = s_g + s_l), sorted.
       compute_dtype / precision: token matmul dtype (default: tokens' dtype) and precision.
+      normalized: inputs already L2-normalized (tokens in the compute dtype), e.g. from
+        :func:`prepare_features`: used as they are.
+      gallery_valid: optional [Ng] bool; False items (e.g. padding) are never candidates and
+        score -inf.
     """
-    (rows, cand_idx, cand_scores), n_g = _run_two_stage(
-        query_global, query_tokens, query_mask, gallery_global, gallery_tokens, gallery_mask, k,
-        direction, local_scale, query_chunk, mesh, axis, None, compute_dtype, precision)
-    rows = rows[:, :n_g]
-    return (rows, (cand_idx, cand_scores)) if return_candidates else rows
+    (rows, cand_idx, cand_scores), n_q, n_g = _run_search(
+        "two_stage", query_global, query_tokens, query_mask, gallery_global, gallery_tokens,
+        gallery_mask, gallery_valid, k, direction, local_scale, query_chunk, mesh, axis, None,
+        compute_dtype, precision, normalized)
+    rows, cand_idx, cand_scores = _unpad(rows, n_q, n_g), _unpad(cand_idx, n_q), _unpad(
+        cand_scores, n_q)
+    if return_candidates:
+        return rows, (cand_idx, cand_scores)
+    return rows
 
 
-def sharded_two_stage_scores(*args, mesh: Mesh, axis: str = "data", **kwargs):
+def sharded_two_stage_scores(*args, mesh: Mesh, axis: Axis = "data", **kwargs):
     """:func:`two_stage_scores` with the gallery sharded over ``mesh`` axis ``axis``."""
     return two_stage_scores(*args, mesh=mesh, axis=axis, **kwargs)
+
+
+def global_scores(query_global, gallery_global, mesh: Optional[Mesh] = None, axis: Axis = "data",
+                  query_chunk: Optional[int] = None, normalized: bool = False,
+                  gallery_valid=None) -> jax.Array:
+    """Cosine scores [Nq, Ng] (:func:`exhaustive_global`), sharded like :func:`two_stage_scores`
+    with ``mesh`` (queries gathered a chunk at a time); invalid gallery items score -inf."""
+    rows, n_q, n_g = _run_search("global", query_global, None, None, gallery_global, None, None,
+                                 gallery_valid, 1, "t2i", 0.0, query_chunk, mesh, axis, None,
+                                 None, None, normalized)
+    return _unpad(rows, n_q, n_g)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk"))
@@ -280,13 +476,15 @@ def topk_search(query_global, gallery_global, k: int = 10, query_tokens=None, qu
                 gallery_tokens=None, gallery_mask=None, rerank_k: Optional[int] = None,
                 direction: str = "t2i", local_scale: float = 10.0,
                 query_chunk: Optional[int] = None, mesh: Optional[Mesh] = None,
-                axis: str = "data", compute_dtype=None, precision=None):
+                axis: Axis = "data", compute_dtype=None, precision=None,
+                normalized: bool = False, gallery_valid=None):
     """Top-``k`` gallery items per query -> (indices [Nq, k] int32, scores [Nq, k] float32).
 
     Global search when no tokens are given (scores = cosines). Two-stage search when tokens are
     given: the top ``rerank_k`` (default: max(k, 100 for t2i / 50 for i2t)) global candidates are
     reranked by s_g + s_l; returned scores are s_g + s_l for reranked items and s_g for the rest
-    (which follow in global order). The full [Nq, Ng] matrix is never built without a mesh.
+    (which follow in global order). The full [Nq, Ng] matrix is never built. ``normalized`` /
+    ``gallery_valid``: as in :func:`two_stage_scores`.
     """
     k = int(k)
     n_g = jnp.shape(gallery_global)[0]
@@ -297,6 +495,8 @@ def topk_search(query_global, gallery_global, k: int = 10, query_tokens=None, qu
         if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
             raise ValueError(f"query_global [Nq,D] and gallery_global [Ng,D] must share D; got "
                              f"{tuple(q.shape)} and {tuple(g.shape)}")
+        if gallery_valid is not None:
+            raise ValueError("gallery_valid needs the two-stage path (pass tokens)")
         chunk = query_chunk or max(1, min(q.shape[0], DEFAULT_CHUNK_BYTES // (8 * n_g)))
         return _global_topk_jit(q, g, k=k, chunk=int(chunk))
     if any(x is None for x in (query_tokens, query_mask, gallery_tokens, gallery_mask)):
@@ -304,9 +504,10 @@ def topk_search(query_global, gallery_global, k: int = 10, query_tokens=None, qu
                          "and gallery_mask (or none of them for global search)")
     if rerank_k is None:
         rerank_k = max(k, 100 if direction == "t2i" else 50)
-    ((keys, idx), _, cand_scores), _ = _run_two_stage(
-        query_global, query_tokens, query_mask, gallery_global, gallery_tokens, gallery_mask,
-        rerank_k, direction, local_scale, query_chunk, mesh, axis, k, compute_dtype, precision)
+    ((keys, idx), _, cand_scores), n_q, _ = _run_search(
+        "two_stage", query_global, query_tokens, query_mask, gallery_global, gallery_tokens,
+        gallery_mask, gallery_valid, rerank_k, direction, local_scale, query_chunk, mesh, axis,
+        k, compute_dtype, precision, normalized)
     n_cand = min(k, int(rerank_k), n_g)
     scores = keys.at[:, :n_cand].set(cand_scores[:, :n_cand])
-    return idx.astype(jnp.int32), scores
+    return _unpad(idx, n_q).astype(jnp.int32), _unpad(scores, n_q)

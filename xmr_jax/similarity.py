@@ -22,6 +22,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Memory bound for one tile of the [image_block, L_img, text_block, L_txt] cosine tensor.
 DEFAULT_TILE_BYTES = 128 * 2**20
@@ -47,8 +48,58 @@ def _precision(precision, dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def _normalize_tokens(tokens: jax.Array, dtype) -> jax.Array:
+def normalize_tokens(tokens: jax.Array, dtype=None) -> jax.Array:
+    """L2-normalizes token features along D (in float32) and stores them in ``dtype``.
+
+    ``dtype``: the compute dtype of the token matmuls (default: the tokens' own floating dtype,
+    float32 for integer input). Do this ONCE when features are encoded and pass
+    ``normalized=True`` to the similarity / retrieval functions, which then use the tokens as
+    they are (no per-call or per-query re-normalization, no float32 copy of bfloat16 tokens).
+    """
+    tokens = jnp.asarray(tokens)
+    return l2_normalize(tokens).astype(_compute_dtype(dtype, tokens))
+
+
+def _normalize_tokens(tokens: jax.Array, dtype, normalized: bool = False) -> jax.Array:
+    if normalized:
+        return tokens if tokens.dtype == dtype else tokens.astype(dtype)
     return l2_normalize(tokens).astype(dtype)
+
+
+def token_window(mask) -> Optional[tuple[int, int]]:
+    """(lo, hi): the smallest range of token positions holding every valid token of ``mask``
+    [..., L] (over all rows), or None when ``mask`` is traced (inside jit) and cannot be read.
+
+    Positions outside the window are masked in every row, so slicing tokens and mask to it gives
+    exactly the same similarities (a masked word adds 0, a masked image token never wins the
+    max) with no work on padding. Computed on device: only an [L] bool vector reaches the host.
+    No valid token at all: (0, 1) (one all-masked position keeps the shapes non-empty).
+    """
+    if isinstance(mask, jax.core.Tracer):
+        return None
+    mask = jnp.asarray(mask)
+    any_valid = np.asarray(jax.device_get(_any_valid(mask)))
+    pos = np.flatnonzero(any_valid)
+    if pos.size == 0:
+        return 0, 1
+    return int(pos[0]), int(pos[-1]) + 1
+
+
+@jax.jit
+def _any_valid(mask):
+    return jnp.any(mask.astype(bool).reshape(-1, mask.shape[-1]), axis=0)
+
+
+def compact_tokens(tokens, mask, window: Optional[tuple[int, int]] = None):
+    """Slices tokens [..., L, D] and mask [..., L] to ``window`` (default: ``token_window(mask)``)
+    -> (tokens [..., L', D], mask [..., L']). Exact (see :func:`token_window`); a no-op under jit
+    or when the window is already the full length."""
+    if window is None:
+        window = token_window(mask)
+    if window is None or window == (0, mask.shape[-1]):
+        return tokens, mask
+    lo, hi = window
+    return tokens[..., lo:hi, :], mask[..., lo:hi]
 
 
 def _check_tokens(tokens, mask, name: str, batch_dims: int = 1) -> None:
@@ -109,14 +160,15 @@ def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
 
 
-@functools.partial(jax.jit, static_argnames=("image_block", "text_block", "dtype", "precision"))
+@functools.partial(jax.jit, static_argnames=("image_block", "text_block", "dtype", "precision",
+                                             "normalized"))
 def _local_tiled(image_tokens, image_mask, text_tokens, text_mask, scale, *, image_block,
-                 text_block, dtype, precision):
+                 text_block, dtype, precision, normalized=False):
     n_img, n_txt = image_tokens.shape[0], text_tokens.shape[0]
-    # Normalize once; padded rows have mask False and are sliced off at the end.
-    img = _pad_rows(_normalize_tokens(image_tokens, dtype), image_block)
+    # Normalize once (unless the caller did); padded rows have mask False and are sliced off.
+    img = _pad_rows(_normalize_tokens(image_tokens, dtype, normalized), image_block)
     imk = _pad_rows(image_mask.astype(bool), image_block)
-    txt = _pad_rows(_normalize_tokens(text_tokens, dtype), text_block)
+    txt = _pad_rows(_normalize_tokens(text_tokens, dtype, normalized), text_block)
     txk = _pad_rows(text_mask.astype(bool), text_block)
     img = img.reshape(-1, image_block, *img.shape[1:])
     imk = imk.reshape(-1, image_block, imk.shape[-1])
@@ -144,19 +196,23 @@ def local_similarity(image_tokens: jax.Array, image_mask: jax.Array, text_tokens
                      text_mask: jax.Array, scale: float = 10.0,
                      image_block: Optional[int] = None, text_block: Optional[int] = None,
                      compute_dtype=None, precision=None,
-                     tile_bytes: int = DEFAULT_TILE_BYTES) -> jax.Array:
+                     tile_bytes: int = DEFAULT_TILE_BYTES, normalized: bool = False) -> jax.Array:
     """All-pairs local similarity -> float32 [N_img, N_txt].
 
     Args:
-      image_tokens: [N_img, L_img, D] image tokens (unnormalized; e.g. CLS + patches).
+      image_tokens: [N_img, L_img, D] image tokens (e.g. CLS + patches).
       image_mask: [N_img, L_img] bool, True for tokens that take part (patches, not CLS).
-      text_tokens: [N_txt, L_txt, D] text tokens (unnormalized).
+      text_tokens: [N_txt, L_txt, D] text tokens.
       text_mask: [N_txt, L_txt] bool, True for words (not SOT/EOT/padding).
       scale: multiplier of the summed maxima (TGDT: 10).
       image_block, text_block: tile sizes (None: chosen so a tile stays under ``tile_bytes``).
         The [N_img, N_txt, L_img, L_txt] tensor is never materialized; tiles run sequentially.
       compute_dtype: dtype of the token matmul (default: the tokens' dtype); accumulation float32.
       precision: matmul precision (default HIGHEST for float32 compute).
+      normalized: the tokens are already L2-normalized (:func:`normalize_tokens`); they are
+        used as they are instead of being normalized here.
+    Outside jit, both token axes are first sliced to the positions that hold a valid token in
+    some row (:func:`compact_tokens`; exact): no work on padding.
     """
     image_tokens, text_tokens = jnp.asarray(image_tokens), jnp.asarray(text_tokens)
     image_mask, text_mask = jnp.asarray(image_mask), jnp.asarray(text_mask)
@@ -165,25 +221,29 @@ def local_similarity(image_tokens: jax.Array, image_mask: jax.Array, text_tokens
     if image_tokens.shape[-1] != text_tokens.shape[-1]:
         raise ValueError(f"image_tokens and text_tokens must share the feature dim D; got "
                          f"{image_tokens.shape[-1]} and {text_tokens.shape[-1]}")
-    n_img, l_img = image_tokens.shape[:2]
-    n_txt, l_txt = text_tokens.shape[:2]
+    n_img, n_txt = image_tokens.shape[0], text_tokens.shape[0]
+    if n_img == 0 or n_txt == 0:
+        return jnp.zeros((n_img, n_txt), jnp.float32)
+    image_tokens, image_mask = compact_tokens(image_tokens, image_mask)
+    text_tokens, text_mask = compact_tokens(text_tokens, text_mask)
+    l_img, l_txt = image_tokens.shape[1], text_tokens.shape[1]
     auto_bi, auto_bt = auto_blocks(n_img, n_txt, l_img, l_txt, tile_bytes)
     bi = auto_bi if image_block is None else int(image_block)
     bt = auto_bt if text_block is None else int(text_block)
     if bi < 1 or bt < 1:
         raise ValueError(f"image_block and text_block must be >= 1; got {bi}, {bt}")
     bi, bt = min(bi, max(n_img, 1)), min(bt, max(n_txt, 1))
-    if n_img == 0 or n_txt == 0:
-        return jnp.zeros((n_img, n_txt), jnp.float32)
     dtype = _compute_dtype(compute_dtype, image_tokens, text_tokens)
     return _local_tiled(image_tokens, image_mask, text_tokens, text_mask,
                         jnp.asarray(scale, jnp.float32), image_block=bi, text_block=bt,
-                        dtype=dtype, precision=_precision(precision, dtype))
+                        dtype=dtype, precision=_precision(precision, dtype),
+                        normalized=bool(normalized))
 
 
 def local_similarity_pairs(image_tokens: jax.Array, image_mask: jax.Array,
                            text_tokens: jax.Array, text_mask: jax.Array, scale: float = 10.0,
-                           compute_dtype=None, precision=None) -> jax.Array:
+                           compute_dtype=None, precision=None,
+                           normalized: bool = False) -> jax.Array:
     """Local similarity of aligned pairs: image_tokens [K, L_img, D] with text_tokens
     [K, L_txt, D] (masks [K, L_img] / [K, L_txt] bool) -> float32 [K]."""
     _check_tokens(image_tokens, image_mask, "image")
@@ -192,8 +252,8 @@ def local_similarity_pairs(image_tokens: jax.Array, image_mask: jax.Array,
         raise ValueError(f"local_similarity_pairs needs as many images as texts; got "
                          f"{image_tokens.shape[0]} and {text_tokens.shape[0]}")
     dtype = _compute_dtype(compute_dtype, image_tokens, text_tokens)
-    cos = jnp.einsum("kld,kjd->klj", _normalize_tokens(image_tokens, dtype),
-                     _normalize_tokens(text_tokens, dtype),
+    cos = jnp.einsum("kld,kjd->klj", _normalize_tokens(image_tokens, dtype, normalized),
+                     _normalize_tokens(text_tokens, dtype, normalized),
                      precision=_precision(precision, dtype), preferred_element_type=jnp.float32)
     return token_scores(cos, image_mask, text_mask, scale)
 
@@ -201,7 +261,8 @@ def local_similarity_pairs(image_tokens: jax.Array, image_mask: jax.Array,
 def local_similarity_candidates(query_tokens: jax.Array, query_mask: jax.Array,
                                 candidate_tokens: jax.Array, candidate_mask: jax.Array,
                                 query_modality: str = "text", scale: float = 10.0,
-                                compute_dtype=None, precision=None) -> jax.Array:
+                                compute_dtype=None, precision=None,
+                                normalized: bool = False) -> jax.Array:
     """Each query against its own candidate set -> float32 [Q, K].
 
     Args:
@@ -209,6 +270,7 @@ def local_similarity_candidates(query_tokens: jax.Array, query_mask: jax.Array,
       candidate_tokens: [Q, K, Lc, D] (candidates of each query), candidate_mask [Q, K, Lc].
       query_modality: "text" (candidates are images: text->image) or "image" (candidates are
         texts: image->text). The max always runs over IMAGE tokens, the sum over WORDS.
+      normalized: tokens already L2-normalized (:func:`normalize_tokens`): used as they are.
     """
     _check_tokens(query_tokens, query_mask, "query")
     _check_tokens(candidate_tokens, candidate_mask, "candidate", batch_dims=2)
@@ -219,8 +281,8 @@ def local_similarity_candidates(query_tokens: jax.Array, query_mask: jax.Array,
         raise ValueError(f"query_modality must be 'text' or 'image'; got {query_modality!r}")
     dtype = _compute_dtype(compute_dtype, query_tokens, candidate_tokens)
     prec = _precision(precision, dtype)
-    q = _normalize_tokens(query_tokens, dtype)
-    c = _normalize_tokens(candidate_tokens, dtype)
+    q = _normalize_tokens(query_tokens, dtype, normalized)
+    c = _normalize_tokens(candidate_tokens, dtype, normalized)
     query_mask, candidate_mask = query_mask.astype(bool), candidate_mask.astype(bool)
     n_q, n_c, l_c, d = c.shape
     flat = c.reshape(n_q, n_c * l_c, d)        # batched over queries: one matmul per query
