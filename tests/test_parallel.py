@@ -81,6 +81,86 @@ def test_global_batch_assembles_and_checks_divisibility():
         parallel.global_batch({"x": np.zeros((8, 2)), "y": np.zeros((16,))}, mesh)
 
 
+@needs8
+def test_prefetch_to_mesh_order_sharding_and_end():
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    pulled = []
+
+    def source(n):
+        for i in range(n):
+            pulled.append(i)
+            yield {"x": np.full((8, 3), i, np.float32), "i": np.full((8,), i, np.int32)}
+
+    it = parallel.prefetch_to_mesh(source(5), mesh, size=2)
+    assert pulled == []  # lazy: nothing is pulled before the first next()
+    first = next(it)
+    assert pulled == [0, 1]  # size=2: one batch already placed beyond the one handed out
+    got = [first] + list(it)  # ends cleanly when the source ends
+    assert pulled == [0, 1, 2, 3, 4]
+    assert [int(np.asarray(b["i"])[0]) for b in got] == [0, 1, 2, 3, 4]
+    for b in got:
+        for v in b.values():
+            assert isinstance(v, jax.Array) and v.sharding == parallel.batch_sharding(mesh)
+            assert len(v.sharding.device_set) == 8 and v.addressable_shards[0].data.shape[0] == 1
+    with pytest.raises(StopIteration):
+        next(it)
+    # size=1 pulls a batch only when asked for it (what the training loop uses)
+    pulled.clear()
+    one = parallel.prefetch_to_mesh(source(3), mesh, size=1)
+    next(one)
+    assert pulled == [0]
+    assert len(list(one)) == 2 and pulled == [0, 1, 2]
+    assert list(parallel.prefetch_to_mesh(iter([]), mesh)) == []
+    assert len(list(parallel.prefetch_to_mesh(source(1), mesh, size=4))) == 1
+    with pytest.raises(ValueError, match="size"):
+        next(parallel.prefetch_to_mesh(source(1), mesh, size=0))
+    # a bad batch fails with global_batch's message
+    with pytest.raises(ValueError, match="not divisible"):
+        next(parallel.prefetch_to_mesh(iter([{"x": np.zeros((12, 2))}]), mesh))
+
+
+class _RecordedReads(np.ndarray):
+    """ndarray that records every index it is read at (to see what put_sharded copies)."""
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return np.asarray(super().__getitem__(index))
+
+
+def _recorded(x):
+    r = np.asarray(x).view(_RecordedReads)
+    r.reads = []
+    return r
+
+
+@needs8
+def test_put_sharded_reads_and_places_only_shards():
+    mesh = parallel.make_mesh(data=1, fsdp=8)
+    rng = np.random.default_rng(0)
+    host = {"w": _recorded(rng.normal(size=(64, 256)).astype(np.float32)),
+            "b": _recorded(rng.normal(size=(256,)).astype(np.float32))}
+    sh = parallel.param_shardings(host, mesh, "fsdp", min_size=1024)
+    assert sh["w"].spec == P(None, "fsdp") and sh["b"].spec == P()
+    out = parallel.put_sharded(host, sh)
+    np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray(host["w"]))
+    assert out["w"].sharding == sh["w"] and out["b"].sharding == sh["b"]
+    # every device got only its 64x32 slice, and only slices were read from the host array
+    assert {s.data.shape for s in out["w"].addressable_shards} == {(64, 32)}
+    assert len({s.device for s in out["w"].addressable_shards}) == 8
+    assert host["w"].reads and all(np.asarray(host["w"])[i].shape == (64, 32) for i in host["w"].reads)
+    assert out["b"].addressable_shards[0].data.shape == (256,)  # small leaf: replicated
+    # put_sharded_like casts to the target dtype and uses the target sharding
+    like = {"w": jax.ShapeDtypeStruct((64, 256), jnp.bfloat16, sharding=sh["w"]),
+            "b": jax.ShapeDtypeStruct((256,), jnp.float32, sharding=sh["b"])}
+    cast = parallel.put_sharded_like(host, like)
+    assert cast["w"].dtype == jnp.bfloat16 and cast["w"].sharding == sh["w"]
+    with pytest.raises(ValueError, match="shape"):
+        parallel.put_sharded_like({"w": np.zeros((3, 3))}, {"w": like["w"]})
+    # one sharding for all leaves
+    rep = parallel.put_sharded({"a": np.arange(8.0)}, parallel.replicated(mesh))
+    assert rep["a"].sharding.spec == P() and len(rep["a"].sharding.device_set) == 8
+
+
 def _toy_problem():
     rng = np.random.default_rng(0)
     params = {

@@ -19,7 +19,10 @@ def test_loss_decreases(tmp_path):
     config = tiny_config()
     config.num_epochs = 1
     config.log_every = 1
-    result = train.train(config, str(tmp_path), iterator_from, steps_per_epoch=30)
+    pulled = []
+    result = train.train(config, str(tmp_path), lambda s: iterator_from(s, pulled.append), steps_per_epoch=30)
+    # batches are placed one step ahead, but never one beyond the last step
+    assert pulled == list(range(1, 31))
     losses = [float(line.split('"loss": ')[1].split(",")[0])
               for line in open(tmp_path / "metrics.jsonl") if '"split": "train"' in line]
     assert len(losses) == 30
@@ -51,8 +54,11 @@ def test_resume_equals_uninterrupted(tmp_path):
             checkpoints.request_stop()
 
     part_dir = str(tmp_path / "part")
-    first = train.train(config, part_dir, lambda s: iterator_from(s, stop_at_5), steps_per_epoch=4)
+    pulled = []
+    first = train.train(config, part_dir, lambda s: iterator_from(s, lambda i: (pulled.append(i), stop_at_5(i))),
+                        steps_per_epoch=4)
     assert first.stopped and int(first.state.step) == 6  # stop is honoured at the next log step
+    assert pulled == [1, 2, 3, 4, 5, 6]  # no batch pulled beyond the step where training stopped
     resumed = train.train(config, part_dir, iterator_from, steps_per_epoch=4)
     assert not resumed.stopped and int(resumed.state.step) == 8
     np.testing.assert_allclose(flat_params(full.state), flat_params(resumed.state), rtol=1e-6, atol=1e-7)
@@ -84,6 +90,47 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         train.train(config, str(tmp_path), poisoned, steps_per_epoch=4)
     ckpt = checkpoints.Checkpointer(str(tmp_path))
     assert ckpt.latest_step() == 4
+
+
+def test_nonfinite_step_keeps_params_and_optimizer_state():
+    """A NaN loss leaves params and opt_state bit for bit; step and the nonfinite count advance."""
+    import optax
+
+    from xmr_jax import optim
+    from xmr_jax.models.families import get_family
+
+    from tests.train_fixtures import batch_for_step
+
+    config = tiny_config()
+    config.optim.eps = 1e-3  # as the other exactness tests: no blow-up of near-zero gradients
+    family = get_family(config.model_family)
+    model = family.build(config)
+    params = train.init_params(model, config, config.data.image_size, jax.random.PRNGKey(0))
+    tx, _ = optim.make_optimizer(config.optim, params, steps_per_epoch=4)
+    step = jax.jit(train.make_train_step(model, family.losses, tx, config))
+    state, _ = step(train.create_train_state(params, tx), batch_for_step(1))
+    bad = batch_for_step(2)
+    bad["images"] = np.full_like(bad["images"], np.nan)
+    after, metrics = step(state, bad)
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(after.step) == int(state.step) + 1 == 2
+    assert int(after.nonfinite) == int(state.nonfinite) + 1 == 1
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((after.params, after.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A finite step does update (and matches the plain, unguarded optax update).
+    good, _ = step(state, batch_for_step(2))
+    assert int(good.nonfinite) == 0
+
+    @jax.jit
+    def plain(state, batch):
+        grads = jax.grad(lambda p: family.losses(model.apply({"params": p}, batch), batch, config)[0])(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
+
+    want, opt_state = plain(state, batch_for_step(2))
+    for a, b in zip(jax.tree.leaves((want, opt_state)), jax.tree.leaves((good.params, good.opt_state))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert not np.array_equal(flat_params(state), flat_params(good))
 
 
 @pytest.mark.parametrize("field,value,message", [

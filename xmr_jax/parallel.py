@@ -5,23 +5,30 @@ One mesh with axes ("data", "fsdp") over all devices of all processes:
   * strategy "data": parameters and optimizer state replicated (pure data parallelism);
   * strategy "fsdp": each large leaf split along one dimension over the "fsdp" axis (ZeRO-3 style;
     with mesh data=D, fsdp=F, parameters are replicated over D groups of F devices = HSDP).
-The train step is plain jax.jit with in/out shardings; XLA inserts the collectives:
+The train step is plain jax.jit with in/out shardings; XLA inserts the collectives. The state is
+created directly in its shardings (no device ever holds a full replicated copy under "fsdp"):
 
     mesh = make_mesh(data=-1, fsdp=1)
-    abstract = jax.eval_shape(lambda: create_train_state(model.init(...)["params"], tx))
+    abstract = jax.eval_shape(lambda r: create_train_state(model.init(r, dummy)["params"], tx), rng)
     state_sh = param_shardings(abstract, mesh, strategy)
-    state = jax.jit(init_fn, out_shardings=state_sh)(rng)      # or shard_train_state(state, mesh)
-    step = jax.jit(train_step, in_shardings=(state_sh, batch_sharding(mesh), None),
+    state = jax.jit(init_fn, out_shardings=state_sh)(rng)      # init_fn(rng) -> TrainState
+    step = jax.jit(train_step, in_shardings=(state_sh, batch_sharding(mesh)),
                    out_shardings=(state_sh, None), donate_argnums=0)
-    state, metrics = step(state, global_batch(numpy_batch, mesh), rng)
+    for batch in prefetch_to_mesh(numpy_batches, mesh):         # global batches, placed ahead
+        state, metrics = step(state, batch)                     # train_step(state, batch)
+
+(xmr_jax.train.sharded_init does the init part, including host-loaded CLIP weights, which are
+placed shard by shard with ``put_sharded``.)
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -183,6 +190,69 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Ar
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
     }
+
+
+def prefetch_to_mesh(batches: Iterable[Mapping[str, Any]], mesh: Mesh, size: int = 2) -> Iterator[dict]:
+    """Yields ``global_batch(b, mesh)`` for each per-process numpy batch b of ``batches``, in order.
+
+    JAX does not wait for the host-to-device copies to finish, and a step is dispatched without
+    waiting for it to run, so a loop that calls ``next()`` right after dispatching a step builds
+    and transfers the next batch while the step runs. ``size`` (>= 1) is how many placed batches exist at the moment one is handed out: the
+    first ``next()`` pulls ``size`` host batches; every later one pulls exactly one more. size=1
+    pulls each batch only when it is asked for (the training loop's choice, so the iterator is
+    consumed exactly as far as the steps that ran); size=k keeps k-1 further batches on the devices.
+    Ends (StopIteration) after the last batch when ``batches`` ends; errors of the source iterator
+    and of ``global_batch`` propagate.
+    """
+    if int(size) < 1:
+        raise ValueError(f"prefetch_to_mesh: size must be >= 1, got {size}")
+    source = iter(batches)
+    queue: collections.deque = collections.deque()
+
+    def fill(n: int) -> None:
+        for local in itertools.islice(source, n):
+            queue.append(global_batch(local, mesh))
+
+    fill(int(size) - 1)
+    while True:
+        fill(1)
+        if not queue:
+            return
+        yield queue.popleft()
+
+
+def put_sharded(host_tree: PyTree, shardings: PyTree) -> PyTree:
+    """Places host (numpy) leaves onto the devices directly in their target shardings.
+
+    Each device receives only its own slice (``jax.make_array_from_callback`` reads
+    ``leaf[index]`` per addressable device), so no device, and no intermediate replicated array,
+    ever holds a full copy of a sharded leaf. Works multi-process when every process holds the
+    same host values. ``shardings``: a pytree of Sharding with the structure of ``host_tree`` (e.g.
+    from ``param_shardings``), or one Sharding for every leaf. Leaves keep their dtype (see
+    ``put_sharded_like`` to cast to a target dtype).
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, host_tree)
+    return jax.tree.map(_put_leaf, host_tree, shardings)
+
+
+def put_sharded_like(host_tree: PyTree, abstract: PyTree) -> PyTree:
+    """``put_sharded`` with each leaf cast to the dtype of, and placed with the ``.sharding`` of, the
+    matching jax.ShapeDtypeStruct in ``abstract`` (shapes must match)."""
+
+    def one(x, a):
+        if tuple(np.shape(x)) != tuple(a.shape):
+            raise ValueError(f"put_sharded_like: shape {tuple(np.shape(x))} != target {tuple(a.shape)}")
+        return _put_leaf(x, a.sharding, a.dtype)
+
+    return jax.tree.map(one, host_tree, abstract)
+
+
+def _put_leaf(x, sharding, dtype=None):
+    if not isinstance(x, np.ndarray):  # jax.Array / python scalar / list: to the host first
+        x = np.asarray(x)
+    dtype = np.dtype(dtype) if dtype is not None else x.dtype
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x[index], dtype))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
 """The trainer: one jitted, donated train step over a device mesh, and the loop around it.
 
-Loop: global batch -> `train_step` (compiled once) -> metrics kept on device and fetched every
-`log_every` steps (the only host sync in the loop) -> orbax checkpoints every `ckpt_every_steps`
-and on SIGTERM/SIGINT. A step whose loss is NaN/Inf does not change the state; the loop stops at
-the next log point with a message, and the last checkpoint on disk stays the last good one.
+Init: the train state (parameters + optimizer state) is created directly in its shardings
+(`sharded_init`: one jit with out_shardings from `parallel.param_shardings`; host-loaded CLIP
+weights are placed shard by shard), or restored into them on resume; no device holds a full copy.
+Loop: dispatch `train_step` (compiled once) on batch s, then build and transfer batch s+1 while it
+runs -> metrics kept on device and fetched every `log_every` steps (the only host sync in the
+loop) -> orbax checkpoints every `ckpt_every_steps` and on SIGTERM/SIGINT. A step whose loss is
+NaN/Inf does not change the parameters or optimizer state; the loop stops at the next log point
+with a message, and the last checkpoint on disk stays the last good one.
 """
 
 from __future__ import annotations
@@ -55,7 +59,24 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 
 def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation, config) -> Callable:
-    """Returns `train_step(state, batch) -> (state, metrics)` (pure; jit it with shardings)."""
+    """Returns `train_step(state, batch) -> (state, metrics)` (pure; jit it with shardings).
+
+    A step whose loss is NaN/Inf keeps params and opt_state bit for bit (step still advances and
+    `nonfinite` counts it). The optimizer update runs inside `lax.cond` on the loss being finite,
+    so a skipped step copies nothing: a `jnp.where(finite, new, old)` over params and optimizer
+    state instead materializes the new state as temporaries (IRRA ViT-B/16, batch 8, one CPU
+    device, XLA memory_analysis: temp 4460 MiB with the where, 4028 MiB with the cond, 4006 MiB
+    with no guard at all).
+    """
+
+    def apply_update(operands):
+        grads, params, opt_state = operands
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def keep(operands):
+        _, params, opt_state = operands
+        return params, opt_state
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         def objective(params):
@@ -63,15 +84,13 @@ def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation, 
             return loss_fn(outputs, batch, config)
 
         (loss, parts), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss)
         # A non-finite step leaves the state untouched, so what gets saved is always good.
-        keep = lambda new, old: jnp.where(finite, new, old)
+        params, opt_state = jax.lax.cond(finite, apply_update, keep, (grads, state.params, state.opt_state))
         new_state = TrainState(
             step=state.step + 1,
-            params=jax.tree.map(keep, params, state.params),
-            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
         )
         metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads)}
@@ -117,27 +136,107 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def init_params(model, config, image_size, rng) -> dict:
-    """Random init of the whole model, then the CLIP towers from `model.init_checkpoint` if set."""
+def _dummy_batch(model, image_size) -> dict:
+    """The one-example batch that model.init traces (shapes only matter)."""
     h, w = image_size
-    dummy = {
+    t = model.base_model.context_length
+    return {
         "images": jnp.zeros((1, h, w, 3), jnp.float32),
-        "text_ids": jnp.zeros((1, model.base_model.context_length), jnp.int32),
-        "mlm_ids": jnp.zeros((1, model.base_model.context_length), jnp.int32),
-        "mlm_labels": jnp.zeros((1, model.base_model.context_length), jnp.int32),
+        "text_ids": jnp.zeros((1, t), jnp.int32),
+        "mlm_ids": jnp.zeros((1, t), jnp.int32),
+        "mlm_labels": jnp.zeros((1, t), jnp.int32),
         "pids": jnp.zeros((1,), jnp.int32),
         "image_ids": jnp.zeros((1,), jnp.int32),
     }
-    params = jax.jit(lambda r: model.init(r, dummy)["params"])(rng)
-    init = config.model.get("init_checkpoint")
-    if init:
-        from xmr_jax.convert import check_params, load_clip
 
-        clip = model.base_model
-        _, clip_params = load_clip(init, image_size=tuple(image_size), scan_layers=clip.scan_layers)
-        check_params(clip_params, clip, what=f"config.model.init_checkpoint={init}")
+
+def _random_params(model, image_size, rng) -> dict:
+    return model.init(rng, _dummy_batch(model, image_size))["params"]
+
+
+def abstract_params(model, image_size) -> dict:
+    """The parameter tree as jax.ShapeDtypeStruct (nothing is computed or allocated)."""
+    return jax.eval_shape(lambda r: _random_params(model, image_size, r), jax.random.PRNGKey(0))
+
+
+def _load_clip_host(model, config, image_size):
+    """The CLIP towers of `config.model.init_checkpoint` as host (numpy) arrays, or None if unset."""
+    init = config.model.get("init_checkpoint")
+    if not init:
+        return None
+    from xmr_jax.convert import check_params, load_clip
+
+    clip = model.base_model
+    _, clip_params = load_clip(init, image_size=tuple(image_size), scan_layers=clip.scan_layers)
+    check_params(clip_params, clip, what=f"config.model.init_checkpoint={init}")
+    return clip_params
+
+
+def init_params(model, config, image_size, rng) -> dict:
+    """Random init of the whole model, then the CLIP towers from `model.init_checkpoint` if set.
+
+    Unsharded (default device): for single-device tools and tests. The trainer uses
+    `sharded_init`, which never materializes this full copy.
+    """
+    params = jax.jit(lambda r: _random_params(model, image_size, r))(rng)
+    clip_params = _load_clip_host(model, config, image_size)
+    if clip_params is not None:
         params = {**params, "base_model": jax.tree.map(jnp.asarray, clip_params)}
     return params
+
+
+class ShardedInit(NamedTuple):
+    """How `sharded_init` creates the train state.
+
+    abstract: TrainState of jax.ShapeDtypeStruct carrying their target `.sharding` (also the
+      template for `checkpoints.Checkpointer.restore`).
+    shardings: TrainState of NamedSharding (`parallel.param_shardings` of the abstract state).
+    fn: jax.jit(init, out_shardings=shardings, donate_argnums=1): (rng, base_model) -> TrainState,
+      where base_model is None (random towers) or the CLIP tower parameters, already placed with
+      their target shardings (they are donated and become the state's params["base_model"]).
+    """
+
+    abstract: Any
+    shardings: Any
+    fn: Callable
+
+
+def sharded_init(model, config, tx: optax.GradientTransformation, mesh, image_size=None,
+                 strategy: str | None = None) -> ShardedInit:
+    """The train state's shardings and a jitted init that creates it directly in them (no compute)."""
+    image_size = tuple(config.data.image_size if image_size is None else image_size)
+    strategy = config.mesh.strategy if strategy is None else strategy
+
+    def init(rng, base_model):
+        params = _random_params(model, image_size, rng)
+        if base_model is not None:  # the random towers are then dead code, removed by XLA
+            params = {**params, "base_model": base_model}
+        return create_train_state(params, tx)
+
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0), None)
+    shardings = parallel.param_shardings(abstract, mesh, strategy)
+    abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    fn = jax.jit(init, out_shardings=shardings, donate_argnums=(1,))
+    return ShardedInit(abstract, shardings, fn)
+
+
+def init_train_state(model, config, tx: optax.GradientTransformation, mesh, rng, image_size=None,
+                     strategy: str | None = None) -> tuple[TrainState, Any]:
+    """Creates the train state directly in its shardings -> (state, state shardings).
+
+    Random parameters are generated shard by shard inside one jit with out_shardings. With
+    `config.model.init_checkpoint`, the CLIP towers are read on the host (numpy) and each leaf is
+    placed with its target sharding (`parallel.put_sharded_like`: every device receives only its
+    slice); they never exist as a replicated device copy.
+    """
+    image_size = tuple(config.data.image_size if image_size is None else image_size)
+    init = sharded_init(model, config, tx, mesh, image_size, strategy)
+    clip_params = _load_clip_host(model, config, image_size)
+    base_model = None
+    if clip_params is not None:
+        base_model = parallel.put_sharded_like(clip_params, init.abstract.params["base_model"])
+        del clip_params
+    return init.fn(rng, base_model), init.shardings
 
 
 def _stack_mean(history: list[dict]) -> dict[str, float]:
@@ -165,18 +264,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
     total_steps = int(config.num_epochs * steps_per_epoch)
     is_chief = jax.process_index() == 0
 
-    params = init_params(model, config, config.data.image_size, jax.random.PRNGKey(config.seed))
-    tx, lr_schedule = optim.make_optimizer(config.optim, params, steps_per_epoch)
-    abstract_state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
-    state_shardings = parallel.param_shardings(abstract_state, mesh, config.mesh.strategy)
-    state = jax.jit(lambda p: create_train_state(p, tx), out_shardings=state_shardings)(params)
-    del params
+    image_size = tuple(config.data.image_size)
+    tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params(model, image_size), steps_per_epoch)
+    init = sharded_init(model, config, tx, mesh, image_size)
+    state_shardings = init.shardings
 
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     start_step = ckpt.latest_step() or 0
-    if start_step:
-        state = ckpt.restore(state, step=start_step)
+    if start_step:  # read straight into the target shardings; nothing is initialized first
+        state = ckpt.restore(init.abstract, step=start_step)
         print(f"Resumed from {workdir}/checkpoints at step {start_step}.", flush=True)
+    else:
+        state, _ = init_train_state(model, config, tx, mesh, jax.random.PRNGKey(config.seed), image_size)
 
     step_fn = jax.jit(
         make_train_step(model, family.losses, tx, config),
@@ -200,19 +299,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
 
     history: list[dict] = []
     t_last, step_last = time.time(), start_step
-    batches = train_iter_fn(start_step)
+    # One step ahead: batch s+1 is pulled, assembled and sent to the devices right after step s is
+    # dispatched, while step s runs. The source iterator is consumed exactly as far as before
+    # (never past the last step, nor past a step where training stops).
+    batches = parallel.prefetch_to_mesh(train_iter_fn(start_step), mesh, size=1)
+    batch = next(batches) if start_step < total_steps else None
     step = start_step
     try:
         for step in range(start_step + 1, total_steps + 1):
             if profile and step == profile[0]:
                 jax.profiler.start_trace(config.get("profile_dir") or os.path.join(workdir, "profile"))
-            batch = parallel.global_batch(next(batches), mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch)  # asynchronous dispatch
             history.append(metrics)
+            log_step = step % config.log_every == 0 or step == total_steps
+            # The stop request is sampled before the next batch is pulled, as it was when batches
+            # were pulled at the top of the loop (a collective across processes: log steps only).
+            stop = log_step and checkpoints.should_stop()
+            if step < total_steps and not stop:
+                batch = next(batches)
             if profile and step == profile[1]:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
-            if step % config.log_every == 0 or step == total_steps:
+            if log_step:
                 summary = _stack_mean(history)
                 history.clear()
                 if not np.isfinite(summary["loss"]) or int(jax.device_get(state.nonfinite)):
@@ -229,8 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
                 t_last, step_last = now, step
                 writer.scalars(step, summary)
                 progress.update(step, summary)
-                # A collective across processes: polled at log steps only, where all processes are.
-                if checkpoints.should_stop():
+                if stop:
                     save(step)
                     ckpt.wait()
                     print(f"\nStopped by signal at step {step}; checkpoint saved in {workdir}/checkpoints.", flush=True)
