@@ -4,16 +4,22 @@
 2 optimizer steps with IRRA's Adam eps (1e-3). Meshes: data=8 fsdp=1 with strategy "data"
 (reference), data=1 fsdp=8 and data=2 fsdp=4 with strategy "fsdp". The only expected difference is
 the float32 reduction order of the gathered/scattered gradients.
+
+Sharded initialization (data=1 fsdp=8): every program the init runs (train.init_train_state and
+train.train up to its first step) is compiled and inspected by _JitSpy: no argument or output is a
+full copy of a large leaf on any device, and outputs + temporaries per device stay below the full
+parameter bytes (XLA memory_analysis); CLIP weights from model.init_checkpoint are read from the
+host slice by slice; resume restores straight into the shardings. The old path (jit(model.init)
+with no out_shardings, then jit(create_train_state)) fails these checks (negative control).
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.test_parallel import _RecordedReads
-from tests.train_fixtures import batch_for_step, flat_params, iterator_from, tiny_config
+from tests.train_fixtures import flat_params, iterator_from, tiny_config
 from xmr_jax import optim, parallel, train
 from xmr_jax.models.families import get_family
 
