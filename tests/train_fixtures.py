@@ -24,7 +24,7 @@ def tiny_config(**overrides):
         text_width=32, text_layers=1, text_heads=2, embed_dim=32, context_length=CONTEXT,
     ))
     config.model.cross_depth = 1
-    config.model.mlm_max_predictions = 4
+    config.model.mlm_chunk = 4
     config.data.image_size = (16, 16)
     config.num_classes = NUM_CLASSES
     config.log_every = 2
