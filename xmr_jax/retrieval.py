@@ -33,8 +33,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from xmr_jax.similarity import (_check_tokens, _compute_dtype, _local_tiled, _normalize_tokens,
                                 _precision, auto_blocks, compact_tokens, global_similarity,
-                                l2_normalize, local_similarity, local_similarity_candidates,
-                                normalize_tokens)
+                                l2_normalize, local_similarity, local_similarity_image_candidates,
+                                local_similarity_text_candidates, normalize_tokens)
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # working-set bound per query chunk (all devices' queries)
 DIRECTIONS = ("t2i", "i2t")
@@ -138,16 +138,6 @@ def exhaustive_two_stage_equivalent(query_global, query_tokens, query_mask, gall
 # q_glob [c, D] / g_glob [G_loc, D] float32, tokens in the compute dtype, masks bool.
 
 
-def _merge_topk(vals, idx, k, axis_name):
-    """Global top-k from per-device top-k: vals/idx [c, k_loc] -> [c, k] (replicated)."""
-    if axis_name is None:
-        return vals, idx
-    all_vals = jax.lax.all_gather(vals, axis_name, axis=1, tiled=True)
-    all_idx = jax.lax.all_gather(idx, axis_name, axis=1, tiled=True)
-    top_vals, pos = jax.lax.top_k(all_vals, k)
-    return top_vals, jnp.take_along_axis(all_idx, pos, axis=1)
-
-
 def _offset(axis_name, n_loc):
     return 0 if axis_name is None else jax.lax.axis_index(axis_name) * n_loc
 
@@ -185,37 +175,49 @@ def _chunk_two_stage(q_glob, q_tok, q_mask, *, g_glob, g_tok, g_mask, g_valid, s
     n_loc = g_glob.shape[0]
     offset = _offset(axis_name, n_loc)
     s_g = _global_rows(q_glob, g_glob, g_valid)
-    vals, idx = jax.lax.top_k(s_g, k_loc)                          # local candidates
-    # One gather of the candidates' (normalized, compacted) tokens: [c, k_loc, Lc, D], then one
-    # batched matmul per chunk, float32 accumulation; masked max/sum fused with it.
-    cand_tok = jnp.take(g_tok, idx, axis=0, mode="clip")
-    cand_mask = jnp.take(g_mask, idx, axis=0, mode="clip")
-    s_l = local_similarity_candidates(q_tok, q_mask, cand_tok, cand_mask, modality, scale,
-                                      compute_dtype=g_tok.dtype, precision=precision,
-                                      normalized=True)
-    # Merge over devices: s_l rides along with its candidate (reranked where the tokens live).
-    cand_idx, s_l_all, vals_all = idx + offset, s_l, vals
+    k_sel = k if out_k is None else max(k, out_k)       # global top k_sel: candidates + rest
+    vals, idx = jax.lax.top_k(s_g, min(k_sel, n_loc))   # local, sorted
+    cand = idx[:, :k_loc]                                # the local top k_loc are reranked
+    if modality == "text":
+        # t2i: pairs grouped by image, [segment * words, D] x [D, image tokens] matmuls; only
+        # the queries' words are gathered, never the candidates' image tokens.
+        s_l = local_similarity_text_candidates(q_tok, q_mask, g_tok, g_mask, cand, scale,
+                                               compute_dtype=g_tok.dtype, precision=precision,
+                                               normalized=True)
+    else:
+        # i2t: per query image one gather of its candidate captions' words and one
+        # [k_loc * Lc, D] x [D, image tokens] matmul, max/sum fused with it.
+        s_l = local_similarity_image_candidates(q_tok, q_mask, g_tok, g_mask, cand, scale,
+                                                compute_dtype=g_tok.dtype, precision=precision,
+                                                normalized=True)
+    s_l = jnp.pad(s_l, ((0, 0), (0, vals.shape[1] - k_loc)))
+    # Merge over devices: s_l rides along with its candidate (reranked where the tokens live);
+    # every global top-k item is in its own device's local top k_loc.
+    top_vals, top_idx = vals, (idx + offset).astype(jnp.int32)
     if axis_name is not None:
         gather = lambda x: jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
-        cand_idx, s_l_all, vals_all = gather(cand_idx), gather(s_l), gather(vals)
-    top_vals, pos = jax.lax.top_k(vals_all, k)
-    cand_idx = jnp.take_along_axis(cand_idx, pos, axis=1).astype(jnp.int32)   # [c, k] global
-    s_l = jnp.take_along_axis(s_l_all, pos, axis=1)
-    new = top_vals + s_l                                           # s_g + s_l  [c, k]
-    # Candidates strictly above every non-candidate (all of which are <= the k-th s_g).
-    shift = top_vals[:, -1] + 1.0 - jnp.min(new, axis=1)
-    local_col = cand_idx - offset
-    local_col = jnp.where((local_col >= 0) & (local_col < n_loc), local_col, n_loc)
-    rows = s_g.at[jnp.arange(s_g.shape[0])[:, None], local_col].set(
-        new + shift[:, None], mode="drop")
+        top_vals, pos = jax.lax.top_k(gather(vals), k_sel)
+        top_idx = jnp.take_along_axis(gather(top_idx), pos, axis=1)
+        s_l = jnp.take_along_axis(gather(s_l), pos, axis=1)
+    # (Only [:, :k] slices and whole-array uses of top_k results below: a slice at an offset
+    # makes XLA:CPU replace its TopK by a full sort of the [c, G_loc] scores.)
+    new = top_vals[:, :k] + s_l[:, :k]                   # s_g + s_l of the k candidates
     order_scores, order = jax.lax.top_k(new, k)
-    cand_sorted = jnp.take_along_axis(cand_idx, order, axis=1)
+    cand_sorted = jnp.take_along_axis(top_idx[:, :k], order, axis=1)
+    # Candidates strictly above every non-candidate (all of which are <= the k-th s_g).
+    shift = jnp.min(top_vals[:, :k], axis=1) + 1.0 - jnp.min(order_scores, axis=1)
     if out_k is None:
+        local_col = top_idx[:, :k] - offset
+        local_col = jnp.where((local_col >= 0) & (local_col < n_loc), local_col, n_loc)
+        rows = s_g.at[jnp.arange(s_g.shape[0])[:, None], local_col].set(
+            new + shift[:, None], mode="drop")
         return rows, cand_sorted, order_scores
-    kk = min(out_k, n_loc)
-    keys, top_idx = jax.lax.top_k(rows, kk)
-    keys, top_idx = _merge_topk(keys, top_idx + offset, out_k, axis_name)
-    return (keys, top_idx), cand_sorted, order_scores
+    # Top out_k of the two-stage order: the reranked candidates, then global order.
+    first = jnp.arange(k_sel) < k
+    pad = ((0, 0), (0, k_sel - k))
+    keys = jnp.where(first, jnp.pad(order_scores + shift[:, None], pad), top_vals)
+    ranked = jnp.where(first, jnp.pad(cand_sorted, pad), top_idx)
+    return (keys[:, :out_k], ranked[:, :out_k]), cand_sorted, order_scores
 
 
 _KERNELS = {"two_stage": _chunk_two_stage, "global": _chunk_global, "local": _chunk_local}
@@ -302,13 +304,17 @@ def _search_jit(q_glob, q_tok, q_mask, g_glob, g_tok, g_mask, g_valid, scale, *,
     return fn(*args)
 
 
-def _auto_chunk(mode, n_query, n_dev, n_gallery_local, k_loc, l_query, l_cand, dim, itemsize,
-                budget=DEFAULT_CHUNK_BYTES):
+def _auto_chunk(mode, modality, n_query, n_dev, n_gallery_local, k_loc, l_query, l_cand, dim,
+                itemsize, budget=DEFAULT_CHUNK_BYTES):
     """Queries per device per step so that one step (n_dev * chunk queries) fits ``budget``."""
     per_query = 3 * 4 * n_gallery_local                          # s_g, keys, rows
-    if mode == "two_stage":
-        per_query += (k_loc * l_cand * dim * itemsize              # gathered candidate tokens
-                      + 4 * k_loc * l_cand * l_query)             # float32 cosines
+    if mode == "two_stage" and modality == "text":
+        per_query += 32 * k_loc                                   # pair bookkeeping (segments)
+    elif mode == "two_stage":
+        per_query += 16 * k_loc                                   # candidates + scores
+        if jax.default_backend() != "cpu":                        # batched over the chunk
+            per_query += (k_loc * l_cand * dim * itemsize          # gathered candidate words
+                          + 4 * k_loc * l_cand * l_query)         # float32 cosines
     elif mode == "local":
         per_query += 4 * n_gallery_local                          # + tiles bounded by tile_bytes
     return int(max(1, min(n_query, budget // max(n_dev * per_query, 1))))
@@ -386,7 +392,7 @@ def _run_search(mode, query_global, query_tokens, query_mask, gallery_global, ga
         l_q = 0 if query_tokens is None else query_tokens.shape[1]
         l_c = 0 if gallery_tokens is None else gallery_tokens.shape[1]
         d = 0 if gallery_tokens is None else gallery_tokens.shape[2]
-        query_chunk = _auto_chunk(mode, n_q_loc, n_dev, n_loc, min(k, n_loc), l_q, l_c, d,
+        query_chunk = _auto_chunk(mode, modality, n_q_loc, n_dev, n_loc, min(k, n_loc), l_q, l_c, d,
                                   jnp.dtype(dtype).itemsize)
     query_chunk = max(1, min(int(query_chunk), max(n_q_loc, 1)))
     out = _search_jit(query_global, query_tokens, query_mask, gallery_global, gallery_tokens,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Optional
 
 import jax
@@ -290,7 +291,166 @@ def local_similarity_candidates(query_tokens: jax.Array, query_mask: jax.Array,
         cos = jnp.einsum("qmd,qjd->qmj", flat, q, precision=prec,
                          preferred_element_type=jnp.float32).reshape(n_q, n_c, l_c, -1)
         return _reduce_tokens(cos, candidate_mask[..., None], query_mask[:, None, :], 2, scale)
-    # cosines [Q, L_img(query), K, L_txt(cand)]
-    cos = jnp.einsum("qld,qmd->qlm", q, flat, precision=prec,
-                     preferred_element_type=jnp.float32).reshape(n_q, q.shape[1], n_c, l_c)
-    return _reduce_tokens(cos, query_mask[:, :, None, None], candidate_mask, 1, scale)
+    # cosines [Q, K, L_txt(cand), L_img(query)]: words-major, the max over the contiguous axis
+    cos = jnp.einsum("qmd,qld->qml", flat, q, precision=prec,
+                     preferred_element_type=jnp.float32).reshape(n_q, n_c, l_c, q.shape[1])
+    return _reduce_tokens(cos, query_mask[:, None, None, :], candidate_mask, -1, scale)
+
+
+def _segment_size(n_pairs: int, n_images: int) -> int:
+    """Texts per image segment: large matmuls, little padding (<= 1/4 of the mean group)."""
+    mean = n_pairs / max(n_images, 1)
+    for size in (64, 32, 16):
+        if mean >= 4 * size:
+            return size
+    return 8
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _per_step(requested: Optional[int], accelerator_default: int) -> int:
+    """Independent matmuls per loop step: on CPU one per core (at most 8), each a plain
+    matmul that XLA:CPU runs on its own thread (a batched dot_general runs well below the
+    plain-matmul rate there and a single small matmul on one thread); batched on accelerators."""
+    if requested:
+        return max(1, int(requested))
+    if _on_cpu():
+        return max(1, min(os.cpu_count() or 1, 8))
+    return accelerator_default
+
+
+def _words_vs_images(txt, txm, rows, images, image_valid, scale, precision):
+    """Texts ``rows`` [B, n] (indices into txt [N, Lt, D] / txm [N, Lt]), group b against the
+    one image images[b] [Li, D] (image_valid [B, Li]) -> float32 [B, n].
+
+    Cosines [n * Lt, Li] (max over the contiguous image axis), masked as in _reduce_tokens. On
+    CPU the B groups are independent gather + plain matmul chains (XLA:CPU runs them on separate
+    threads; a batched dot_general runs well below the plain-matmul rate there); elsewhere one
+    batched gather and matmul.
+    """
+    n_b, n = rows.shape
+    l_txt, d = txt.shape[1:]
+
+    def reduce(cos, word_valid, image_valid):
+        best = jnp.max(jnp.where(image_valid[..., None, :], cos, _NEG), axis=-1)
+        best = best.reshape(*word_valid.shape)
+        valid = word_valid & jnp.any(image_valid, axis=-1)[..., None, None]
+        return scale * jnp.sum(jnp.where(valid, best, 0.0), axis=-1)
+
+    if _on_cpu():
+        out = []
+        for i in range(n_b):
+            words = jnp.take(txt, rows[i], axis=0, mode="clip").reshape(n * l_txt, d)
+            cos = jnp.matmul(words, images[i].T, precision=precision,
+                             preferred_element_type=jnp.float32)
+            out.append(reduce(cos, jnp.take(txm, rows[i], axis=0, mode="clip"),
+                              image_valid[i]))
+        return jnp.stack(out)
+    words = jnp.take(txt, rows, axis=0, mode="clip").reshape(n_b, n * l_txt, d)
+    cos = jnp.einsum("bmd,bld->bml", words, images, precision=precision,
+                     preferred_element_type=jnp.float32)
+    return reduce(cos, jnp.take(txm, rows, axis=0, mode="clip"), image_valid)
+
+
+def local_similarity_text_candidates(text_tokens: jax.Array, text_mask: jax.Array,
+                                     image_tokens: jax.Array, image_mask: jax.Array,
+                                     candidates: jax.Array, scale: float = 10.0,
+                                     compute_dtype=None, precision=None, normalized: bool = False,
+                                     segment: Optional[int] = None,
+                                     segments_per_step: Optional[int] = None) -> jax.Array:
+    """Each text against its own candidate images, given as indices -> float32 [N_txt, K].
+
+    Args:
+      text_tokens [N_txt, L_txt, D] / text_mask [N_txt, L_txt]: the texts (e.g. t2i queries).
+      image_tokens [N_img, L_img, D] / image_mask [N_img, L_img]: the image set (gallery).
+      candidates: int [N_txt, K], indices into the image set (K candidates per text).
+      segment: texts per matmul (default: from the mean number of texts per image).
+      segments_per_step: segments per loop step (default: one per CPU core, 32 on accelerators).
+
+    Same values as :func:`local_similarity_candidates` on gathered images, computed image-major:
+    the (text, image) pairs are sorted by image and scored in segments of ``segment`` texts of
+    one image, one [segment * L_txt, D] x [D, L_img] matmul each (max over the contiguous image
+    axis). Only the texts' words are gathered (the smaller side), never the candidates' image
+    tokens, and the matmuls are large; memory stays O(segment * L_txt * D) per segment whatever
+    N_txt * K.
+    """
+    _check_tokens(text_tokens, text_mask, "text")
+    _check_tokens(image_tokens, image_mask, "image")
+    n_txt, k = candidates.shape
+    n_img = image_tokens.shape[0]
+    dtype = _compute_dtype(compute_dtype, text_tokens, image_tokens)
+    prec = _precision(precision, dtype)
+    txt = _normalize_tokens(text_tokens, dtype, normalized)
+    img = _normalize_tokens(image_tokens, dtype, normalized)
+    txm, imm = text_mask.astype(bool), image_mask.astype(bool)
+    n_pairs = n_txt * k
+    if n_pairs == 0:
+        return jnp.zeros((n_txt, k), jnp.float32)
+    size = int(segment) if segment else _segment_size(n_pairs, n_img)
+    per_step = _per_step(segments_per_step, 32)
+    pair_img = candidates.reshape(n_pairs).astype(jnp.int32)
+    order = jnp.argsort(pair_img, stable=True).astype(jnp.int32)   # pairs grouped by image
+    pair_txt = jnp.pad(order // k, (0, size))                       # text of each sorted pair
+    counts = jnp.zeros((n_img,), jnp.int32).at[pair_img].add(1)
+    start = jnp.cumsum(counts) - counts                             # first sorted pair of image
+    n_seg = (counts + size - 1) // size
+    seg_end = jnp.cumsum(n_seg)
+    bound = -(-(n_pairs // size + n_img) // per_step) * per_step    # static bound on segments
+    seg = jnp.arange(bound, dtype=jnp.int32)
+    seg_img = jnp.minimum(jnp.searchsorted(seg_end, seg, side="right"), n_img - 1)
+    seg_pos = start[seg_img] + (seg - (seg_end[seg_img] - n_seg[seg_img])) * size
+    seg_len = jnp.where(seg < seg_end[-1],
+                        jnp.clip(start[seg_img] + counts[seg_img] - seg_pos, 0, size), 0)
+    slot = jnp.arange(size, dtype=jnp.int32)
+    scale = jnp.asarray(scale, jnp.float32)
+
+    def body(step, out):
+        ids = step * per_step + jnp.arange(per_step, dtype=jnp.int32)
+        im, pos, n = seg_img[ids], seg_pos[ids], seg_len[ids]
+        rows = pair_txt[pos[:, None] + slot]                                   # [B, size]
+        s_l = _words_vs_images(txt, txm, rows, jnp.take(img, im, axis=0, mode="clip"),
+                               jnp.take(imm, im, axis=0, mode="clip"), scale, prec)
+        target = jnp.where(slot < n[:, None], pos[:, None] + slot, n_pairs)    # past: dropped
+        return out.at[target].set(s_l, mode="drop")
+
+    steps = (seg_end[-1] + per_step - 1) // per_step
+    out = jax.lax.fori_loop(0, steps, body, jnp.zeros((n_pairs,), jnp.float32))
+    return jnp.zeros((n_pairs,), jnp.float32).at[order].set(out).reshape(n_txt, k)
+
+
+def local_similarity_image_candidates(image_tokens: jax.Array, image_mask: jax.Array,
+                                      text_tokens: jax.Array, text_mask: jax.Array,
+                                      candidates: jax.Array, scale: float = 10.0,
+                                      compute_dtype=None, precision=None,
+                                      normalized: bool = False,
+                                      queries_per_step: Optional[int] = None) -> jax.Array:
+    """Each image against its own candidate texts, given as indices -> float32 [N_img, K].
+
+    image_tokens [N_img, L_img, D] / image_mask (e.g. i2t queries); text_tokens [N_txt, L_txt, D]
+    / text_mask (the gallery); candidates int [N_img, K] into the texts. Per image one gather of
+    its candidates' words and one [K * L_txt, D] x [D, L_img] matmul (``queries_per_step``
+    images per loop step: default one per CPU core, all at once on accelerators).
+    """
+    _check_tokens(image_tokens, image_mask, "image")
+    _check_tokens(text_tokens, text_mask, "text")
+    n_q, k = candidates.shape
+    dtype = _compute_dtype(compute_dtype, text_tokens, image_tokens)
+    prec = _precision(precision, dtype)
+    img = _normalize_tokens(image_tokens, dtype, normalized)
+    txt = _normalize_tokens(text_tokens, dtype, normalized)
+    imm, txm = image_mask.astype(bool), text_mask.astype(bool)
+    scale = jnp.asarray(scale, jnp.float32)
+    per_step = min(_per_step(queries_per_step, max(n_q, 1)), max(n_q, 1))
+
+    def step(args):
+        q, qm, cand = args
+        return _words_vs_images(txt, txm, cand, q, qm, scale, prec)
+
+    if per_step >= n_q:
+        return step((img, imm, candidates))
+    pad = (-n_q) % per_step
+    args = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (img, imm, candidates)]
+    args = tuple(x.reshape(-1, per_step, *x.shape[1:]) for x in args)
+    return jax.lax.map(step, args).reshape(-1, k)[:n_q]
