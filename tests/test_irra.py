@@ -102,15 +102,16 @@ def test_sparse_mlm_equals_dense_loss_and_gradients(torch_irra, batch, fill):
     dense = IRRA(**kwargs)
     total, parts, grads = _loss_and_grads(dense, params, batch)
     most = int((batch["mlm_labels"] != 0).sum(axis=1).max())
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))
     for chunk in ((3, most) if fill == "sampled" else (5,)):
         sparse = IRRA(**kwargs, mlm_chunk=chunk, text_length_buckets=(8, 16, 40))
         got_total, got_parts, got_grads = _loss_and_grads(sparse, params, batch)
         np.testing.assert_allclose(got_parts["mlm_loss"], parts["mlm_loss"], rtol=1e-6, err_msg=f"chunk {chunk}")
         np.testing.assert_allclose(got_total, total, rtol=1e-6, err_msg=f"chunk {chunk}")
         for (path, g), want in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(grads)):
-            # float32 sums in another order: 1e-5 of the largest gradient entry, absolute.
-            np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-4,
-                                       atol=1e-5 * float(np.max(np.abs(want))),
+            # float32 sums in another order: rtol 1e-4 plus 1e-6 of the largest gradient entry
+            # (leaves whose true gradient is 0, e.g. attention key biases, hold only rounding).
+            np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-4, atol=1e-6 * scale,
                                        err_msg=f"chunk {chunk}: {jax.tree_util.keystr(path)}")
 
 
