@@ -171,3 +171,143 @@ def test_bad_arguments_raise():
         retrieval.two_stage_scores(qg, qt, qm, gg, gt[:2], gm[:2], k=2)
     with pytest.raises(ValueError, match="k must be"):
         retrieval.topk_search(qg, gg, k=9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prepared features, compaction, validity masks, the candidate kernels and the sharded paths.
+
+from xmr_jax import parallel, similarity  # noqa: E402
+
+
+def _padded_problem(seed, n_q, n_g, direction, d=8):
+    """_problem with token axes padded by always-masked positions at both ends (compaction)."""
+    qg, qt, qm, gg, gt, gm = _problem(seed, n_q, n_g, direction, d)
+    pad = lambda t, m: (np.pad(t, ((0, 0), (1, 3), (0, 0)), constant_values=5.0),
+                        np.pad(m, ((0, 0), (1, 3))))
+    return (qg, *pad(qt, qm), gg, *pad(gt, gm))
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_prepared_normalized_compacted_equals_exhaustive(direction):
+    qg, qt, qm, gg, gt, gm = _padded_problem(6, 9, 13, direction)
+    want = retrieval.exhaustive_two_stage_equivalent(qg, qt, qm, gg, gt, gm, direction)
+    q = retrieval.prepare_features(qg, qt, qm)
+    g = retrieval.prepare_features(gg, gt, gm)
+    assert q.tokens.shape[1] == qt.shape[1] - 4 and g.tokens.shape[1] == gt.shape[1] - 4
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(q.tokens), axis=-1), 1.0, rtol=1e-5)
+    rows = retrieval.two_stage_scores(*q, *g, k=50, direction=direction, normalized=True)
+    np.testing.assert_array_equal(_ranking(rows), _ranking(want))
+    plain = retrieval.two_stage_scores(qg, qt, qm, gg, gt, gm, k=4, direction=direction)
+    prepared = retrieval.two_stage_scores(*q, *g, k=4, direction=direction, normalized=True)
+    np.testing.assert_allclose(np.asarray(prepared), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    want4, _ = _np_two_stage(qg, qt, qm, gg, gt, gm, 4, direction)
+    np.testing.assert_array_equal(_ranking(prepared), want4)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_gallery_valid_items_are_never_retrieved(direction):
+    qg, qt, qm, gg, gt, gm = _problem(7, 6, 11, direction)
+    valid = np.ones(11, bool)
+    valid[[1, 4, 10]] = False
+    rows = np.asarray(retrieval.two_stage_scores(qg, qt, qm, gg, gt, gm, k=5, direction=direction,
+                                                 gallery_valid=valid))
+    assert np.all(np.isneginf(rows[:, ~valid]))
+    want, _ = _np_two_stage(qg, qt, qm, gg[valid], gt[valid], gm[valid], 5, direction)
+    np.testing.assert_array_equal(_ranking(rows[:, valid]), want)
+    # fewer valid items than k: k is capped, nothing invalid becomes a candidate
+    few = np.zeros(11, bool)
+    few[[2, 3]] = True
+    idx, sc = retrieval.topk_search(qg, gg, k=4, query_tokens=qt, query_mask=qm,
+                                    gallery_tokens=gt, gallery_mask=gm, rerank_k=3,
+                                    direction=direction, gallery_valid=few)
+    assert set(np.asarray(idx)[:, :2].ravel()) <= {2, 3}
+    assert np.all(np.isneginf(np.asarray(sc)[:, 2:]))
+
+
+@pytest.mark.parametrize("rerank_k,k", [(3, 7), (6, 2), (5, 5)])
+def test_topk_search_out_k_around_rerank_k(rerank_k, k):
+    qg, qt, qm, gg, gt, gm = _problem(8, 5, 12, "t2i")
+    want, s_g = _np_two_stage(qg, qt, qm, gg, gt, gm, rerank_k, "t2i")
+    idx, sc = retrieval.topk_search(qg, gg, k=k, query_tokens=qt, query_mask=qm,
+                                    gallery_tokens=gt, gallery_mask=gm, rerank_k=rerank_k)
+    np.testing.assert_array_equal(np.asarray(idx), want[:, :k])
+    n = min(k, rerank_k)
+    rest = np.take_along_axis(s_g, want[:, n:k], axis=1)
+    np.testing.assert_allclose(np.asarray(sc)[:, n:], rest, atol=1e-6)
+
+
+def _cand_case(seed, n_q=7, n_g=9, k=5, l_img=6, l_txt=5, d=8):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(n_g, l_img, d)).astype(np.float32)
+    txt = rng.normal(size=(n_q, l_txt, d)).astype(np.float32)
+    im = rng.random((n_g, l_img)) < 0.7
+    tm = rng.random((n_q, l_txt)) < 0.7
+    im[0] = False                               # an image with no valid token
+    tm[1] = False                               # a text with no valid word
+    cand = rng.integers(0, n_g, size=(n_q, k))
+    cand[:, 0] = 3                              # a popular image (several segments)
+    return img, im, txt, tm, cand
+
+
+@pytest.mark.parametrize("segment,per_step,cpu", [(None, None, True), (1, 1, True), (2, 3, True),
+                                                  (4, 2, False), (3, None, False)])
+def test_text_candidates_kernel_equals_gathered(monkeypatch, segment, per_step, cpu):
+    monkeypatch.setattr(similarity, "_on_cpu", lambda: cpu)   # the accelerator (batched) path too
+    img, im, txt, tm, cand = _cand_case(9)
+    want = similarity.local_similarity_candidates(txt, tm, img[cand], im[cand], "text", 7.0)
+    got = similarity.local_similarity_text_candidates(txt, tm, img, im, cand, 7.0,
+                                                      segment=segment, segments_per_step=per_step)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(got)[1] == 0) and np.all(np.asarray(got)[cand == 0] == 0)
+
+
+@pytest.mark.parametrize("per_step,cpu", [(None, True), (3, True), (None, False), (2, False)])
+def test_image_candidates_kernel_equals_gathered(monkeypatch, per_step, cpu):
+    monkeypatch.setattr(similarity, "_on_cpu", lambda: cpu)
+    img, im, txt, tm, cand = _cand_case(10, n_q=9, n_g=7)
+    # roles swapped: image queries (the 7 "images" as queries need candidates into 9 texts)
+    queries, q_mask = img, im
+    cand = np.random.default_rng(1).integers(0, txt.shape[0], size=(img.shape[0], 4))
+    want = similarity.local_similarity_candidates(queries, q_mask, txt[cand], tm[cand], "image",
+                                                  7.0)
+    got = similarity.local_similarity_image_candidates(queries, q_mask, txt, tm, cand, 7.0,
+                                                       queries_per_step=per_step)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_sharded_2d_mesh_queries_sharded_equals_single_device(direction):
+    mesh = parallel.make_mesh(4, 2)
+    axis = ("data", "fsdp")
+    qg, qt, qm, gg, gt, gm = _padded_problem(11, 13, 29, direction)
+    q = retrieval.prepare_features(qg, qt, qm)
+    g = retrieval.prepare_features(gg, gt, gm)
+    base, (ci, cs) = retrieval.two_stage_scores(*q, *g, k=6, direction=direction,
+                                                normalized=True, return_candidates=True)
+    rows, (sci, scs) = retrieval.two_stage_scores(*q, *g, k=6, direction=direction,
+                                                  normalized=True, return_candidates=True,
+                                                  mesh=mesh, axis=axis, query_chunk=1)
+    np.testing.assert_allclose(np.asarray(rows), np.asarray(base), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(sci), np.asarray(ci))
+    np.testing.assert_allclose(np.asarray(scs), np.asarray(cs), rtol=1e-5, atol=1e-5)
+    s_g = retrieval.global_scores(qg, gg, mesh=mesh, axis=axis)
+    np.testing.assert_allclose(np.asarray(s_g), _norm(qg) @ _norm(gg).T, atol=1e-6)
+    local = retrieval.exhaustive_local(qt, qm, gt, gm, direction, mesh=mesh, axis=axis)
+    np.testing.assert_allclose(np.asarray(local),
+                               np.asarray(retrieval.exhaustive_local(qt, qm, gt, gm, direction)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_inputs_stay_in_place_and_rows_come_back_sharded():
+    mesh = parallel.make_mesh(8, 1)
+    axis = ("data", "fsdp")
+    qg, qt, qm, gg, gt, gm = _problem(12, 16, 24, "t2i")
+    put = lambda x: jax.device_put(x, parallel.batch_sharding(mesh))
+    q = retrieval.prepare_features(put(qg), put(qt), put(qm))
+    g = retrieval.prepare_features(put(gg), put(gt), put(gm))
+    assert q.tokens.sharding.is_equivalent_to(parallel.batch_sharding(mesh), 3)
+    assert {s.data.shape[0] for s in q.tokens.addressable_shards} == {2}
+    rows = retrieval.two_stage_scores(*q, *g, k=5, normalized=True, mesh=mesh, axis=axis)
+    assert {s.data.shape for s in rows.addressable_shards} == {(16, 3)}   # gallery columns
+    want, _ = _np_two_stage(qg, qt, qm, gg, gt, gm, 5, "t2i")
+    np.testing.assert_array_equal(_ranking(rows), want)

@@ -148,3 +148,44 @@ def test_bad_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="query_modality"):
         sim.local_similarity_candidates(img, np.ones((2, 3), bool), img[:, None],
                                         np.ones((2, 1, 3), bool), "audio")
+
+
+def test_normalize_tokens_dtype_and_zero_rows():
+    x = np.array([[[3.0, 4.0], [0.0, 0.0]]], np.float32)
+    out = sim.normalize_tokens(x)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), [[[0.6, 0.8], [0.0, 0.0]]], atol=1e-7)
+    assert sim.normalize_tokens(x, jnp.bfloat16).dtype == jnp.bfloat16
+    assert sim.normalize_tokens(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_token_window_and_compaction_are_exact():
+    rng = np.random.default_rng(6)
+    img, im, txt, tm = _random_case(rng)
+    pad_t = lambda t, m, a, b: (np.pad(t, ((0, 0), (a, b), (0, 0)), constant_values=9.0),
+                                np.pad(m, ((0, 0), (a, b))))
+    img2, im2 = pad_t(img, im, 2, 3)
+    txt2, tm2 = pad_t(txt, tm, 1, 4)
+    lo, hi = sim.token_window(im2)
+    assert lo >= 2 and hi <= 2 + img.shape[1] and im2[:, lo:hi].sum() == im2.sum()
+    assert sim.token_window(np.zeros((2, 5), bool)) == (0, 1)
+    ct, cm = sim.compact_tokens(txt2, tm2)
+    assert cm.shape[1] < tm2.shape[1] and int(cm.sum()) == int(tm2.sum())
+    np.testing.assert_allclose(np.asarray(sim.local_similarity(img2, im2, txt2, tm2)),
+                               _np_local(img, im, txt, tm), rtol=1e-5, atol=1e-5)
+    # under jit (traced mask) nothing is sliced and the result is the same
+    f = jax.jit(lambda a, b, c, d: sim.local_similarity(a, b, c, d))
+    np.testing.assert_allclose(np.asarray(f(img2, im2, txt2, tm2)), _np_local(img, im, txt, tm),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_normalized_flag_uses_tokens_as_given():
+    rng = np.random.default_rng(7)
+    img, im, txt, tm = _random_case(rng)
+    ni, nt = sim.normalize_tokens(img), sim.normalize_tokens(txt)
+    np.testing.assert_allclose(np.asarray(sim.local_similarity(ni, im, nt, tm, normalized=True)),
+                               _np_local(img, im, txt, tm), rtol=1e-5, atol=1e-5)
+    # normalized=True really skips the normalization: scaled tokens scale the result
+    twice = sim.local_similarity(2 * ni, im, nt, tm, normalized=True)
+    np.testing.assert_allclose(np.asarray(twice), 2 * _np_local(img, im, txt, tm), rtol=1e-5,
+                               atol=1e-5)

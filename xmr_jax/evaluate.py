@@ -4,14 +4,31 @@ Person retrieval (IRRA): text -> image, R1/R5/R10/mAP/mINP over pids (SPEC 5).
 Caption retrieval (TGDT): both directions, R@1/5/10 and rsum, for global-only, local-only and
 two-stage (global top-k, rerank by s_g + s_l) scoring (SPEC 6-7); with config.tgdt.coco_1k_folds
 also the COCO 1K protocol (the same three per fold of 1000 images, averaged; keys "coco_1k/...").
-Padded rows of the last batch (valid=False) are computed and then dropped, never the real ones.
+
+Features stay on device: the encoders return them L2-normalized (tokens in the compute dtype,
+bfloat16 when config.precision == "bfloat16"), and the batches are assembled device by device
+into global arrays sharded over the batch axes of the mesh (each device keeps the rows it
+encoded: nothing is gathered onto one host or device). Scoring runs sharded over the mesh
+(:mod:`xmr_jax.retrieval`: gallery sharded, queries gathered a chunk at a time); only global
+features' scores [Nq, Ng], ids and validity reach the host. Padded rows of the last batch
+(valid=False) are computed, never retrieved (gallery) and dropped from the score matrices; the
+rows are put back in the order the data came in, so metrics (ties included) equal scoring the
+real rows in that order.
+
+config.tgdt.eval_local_exhaustive (default True): also report the "local" (local similarity
+only) metrics. That is every pair x every valid token pair: Nq x Ng x Lq x Lg x D multiply-adds,
+~10^15 at COCO-5K size (5000 x 25000 pairs x 196 x ~18 tokens x 512), hours on CPU and minutes
+on accelerators; set False to skip it (two-stage needs only the global top-k).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import json
 import os
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +41,7 @@ from xmr_jax import parallel, retrieval, similarity
 
 def _to_host(x: jax.Array) -> np.ndarray:
     """A globally sharded array -> the full numpy array on every process."""
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and not getattr(x, "is_fully_addressable", True):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
@@ -33,8 +50,9 @@ def encode_split(encode_fn: Callable, params, batches: Iterable[Mapping[str, np.
                  mesh, keep_tokens: bool) -> dict[str, np.ndarray]:
     """Runs `encode_fn(params, inputs) -> (global, tokens, mask)` over batches; keeps valid rows.
 
-    Returns numpy: global [N,D] float32, pids [N], image_ids [N] and, with keep_tokens, tokens
-    [N,L,D] (float32) and mask [N,L] bool.
+    The host path (small data, tools): returns numpy global [N,D] float32, pids [N],
+    image_ids [N] and, with keep_tokens, tokens [N,L,D] (float32) and mask [N,L] bool. The
+    Evaluator uses :func:`encode_split_on_device` instead.
     """
     out: dict[str, list] = {"global": [], "pids": [], "image_ids": [], "tokens": [], "mask": []}
     for local in batches:
@@ -52,84 +70,267 @@ def encode_split(encode_fn: Callable, params, batches: Iterable[Mapping[str, np.
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
-def person_retrieval(query: dict, gallery: dict) -> dict[str, float]:
-    """Text -> image person retrieval metrics from encoded queries and gallery."""
-    sim = similarity.global_similarity(jnp.asarray(query["global"]), jnp.asarray(gallery["global"]))
-    return metrics_lib.person_retrieval_metrics(np.asarray(sim), query["pids"], gallery["pids"])
+# ----------------------------------------------------------------------------------------------
+# Device-resident encoded splits
 
 
-def caption_retrieval(query: dict, gallery: dict, k_t2i: int = 100, k_i2t: int = 50,
-                      local_scale: float = 10.0, mesh=None) -> dict[str, dict[str, float]]:
-    """Global-only, local-only and two-stage caption retrieval metrics (keys 'global', 'local', 'two_stage')."""
-    index_of = {int(i): n for n, i in enumerate(gallery["image_ids"])}
-    missing = [int(i) for i in query["image_ids"] if int(i) not in index_of]
+@dataclasses.dataclass
+class EncodedSplit:
+    """One encoded split, features on device.
+
+    global_features [N, D] float32 and tokens [N, L, D] (compute dtype) L2-normalized, mask
+    [N, L] bool (token axis compacted to the valid window): global jax Arrays, sharded over the
+    mesh's batch axes (or on one device). valid / pids / image_ids / order: host numpy [N];
+    valid False marks padding rows; order is each row's position in the order the data came in
+    (the device-major layout differs from it).
+    """
+    global_features: jax.Array
+    tokens: Optional[jax.Array]
+    mask: Optional[jax.Array]
+    valid: np.ndarray
+    pids: np.ndarray
+    image_ids: np.ndarray
+    order: np.ndarray
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Indices of the valid rows, in the order the data came in."""
+        real = np.flatnonzero(self.valid)
+        return real[np.argsort(self.order[real], kind="stable")]
+
+    def __len__(self) -> int:
+        return int(self.valid.sum())
+
+
+def from_numpy(split: Mapping[str, np.ndarray], compute_dtype=None) -> EncodedSplit:
+    """An :func:`encode_split` dict (numpy, valid rows only) -> EncodedSplit on the default device."""
+    n = len(split["global"])
+    tokens = split.get("tokens")
+    feats = retrieval.prepare_features(split["global"], tokens, split.get("mask"), compute_dtype)
+    return EncodedSplit(feats.global_features, feats.tokens, feats.mask, np.ones(n, bool),
+                        np.asarray(split["pids"]), np.asarray(split["image_ids"]), np.arange(n))
+
+
+def _assemble(parts: list[jax.Array], window=None) -> jax.Array:
+    """Concatenates per-batch global arrays (all sharded like ``parts[0]`` over their rows)
+    device by device: each device concatenates the rows it holds, nothing moves between devices.
+    The result is sharded the same way; row order is device-major (see EncodedSplit.order).
+    ``window``: (lo, hi) slice of axis 1 taken at the same time (token compaction)."""
+    sharding = parts[0].sharding
+    per_device = collections.defaultdict(list)
+    for part in parts:
+        for shard in part.addressable_shards:
+            data = shard.data if window is None else shard.data[:, window[0]:window[1]]
+            per_device[shard.device].append(data)
+    first = parts[0].shape[1:] if window is None else (window[1] - window[0],) + parts[0].shape[2:]
+    shape = (sum(p.shape[0] for p in parts),) + tuple(first)
+    arrays = []
+    for device in sharding.addressable_devices_indices_map(shape):
+        pieces = per_device[device]
+        arrays.append(pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def encode_split_on_device(encode_fn: Callable, params, batches: Iterable[Mapping[str, np.ndarray]],
+                           input_key: str, mesh, keep_tokens: bool) -> EncodedSplit:
+    """Runs ``encode_fn(params, inputs) -> (global, tokens, mask)`` (normalized, sharded over the
+    batch axes; tokens/mask None without keep_tokens) over the batches and assembles an
+    EncodedSplit without moving features between devices or to the host."""
+    sharding = parallel.batch_sharding(mesh)
+    parts = collections.defaultdict(list)
+    windows = []
+    start = 0
+    for local in batches:
+        batch = parallel.global_batch(local, mesh)
+        g, tok, mask = encode_fn(params, batch[input_key])
+        n = batch["valid"].shape[0]
+        order = _arange_fn(n, sharding)(np.int32(start))    # position of each row, on device
+        start += n
+        for key, value in (("global", g), ("valid", batch["valid"]), ("pids", batch["pids"]),
+                           ("image_ids", batch["image_ids"]), ("order", order)):
+            parts[key].append(value)
+        if keep_tokens:
+            parts["tokens"].append(tok)
+            parts["mask"].append(mask)
+            windows.append(similarity.token_window(mask))
+    if not parts["global"]:
+        raise ValueError(f"the evaluation split yielded no batches for {input_key!r}")
+    host = {key: _to_host(_assemble(parts[key])) for key in ("valid", "pids", "image_ids", "order")}
+    tokens = mask = None
+    if keep_tokens:
+        window = (min(w[0] for w in windows), max(w[1] for w in windows))
+        tokens, mask = _assemble(parts["tokens"], window), _assemble(parts["mask"], window)
+    return EncodedSplit(_assemble(parts["global"]), tokens, mask, host["valid"].astype(bool),
+                        host["pids"], host["image_ids"], host["order"])
+
+
+@functools.lru_cache(maxsize=None)
+def _arange_fn(n: int, sharding):
+    return jax.jit(lambda start: jnp.arange(n, dtype=jnp.int32) + start, out_shardings=sharding)
+
+
+def select_rows(split: EncodedSplit, keep: np.ndarray) -> EncodedSplit:
+    """The rows ``keep`` [N] bool of a split, selected on each device among its own rows (no
+    data moves between devices); devices are padded to equal counts with invalid rows."""
+    keep = np.asarray(keep, bool) & split.valid
+    arrays = [a for a in (split.global_features, split.tokens, split.mask) if a is not None]
+    ref = arrays[0]
+    sharding = ref.sharding
+    n = ref.shape[0]
+    index_map = sharding.devices_indices_map((n,) + ref.shape[1:])
+    spans = {d: (idx[0].start or 0, n if idx[0].stop is None else idx[0].stop)
+             for d, idx in index_map.items()}
+    local = {d: np.flatnonzero(keep[lo:hi]) for d, (lo, hi) in spans.items()}
+    m = max(1, max(len(v) for v in local.values()))
+    take = {d: np.concatenate([v, np.zeros(m - len(v), np.int64)]) for d, v in local.items()}
+    ok = {d: np.arange(m) < len(v) for d, v in local.items()}
+    devices = sorted(index_map, key=lambda d: spans[d][0])   # shard order: same in the new array
+    rows = np.concatenate([spans[d][0] + take[d] for d in devices])
+    new_valid = np.concatenate([ok[d] for d in devices])
+
+    def pick(a):
+        shape = (len(devices) * m,) + a.shape[1:]
+        shards = {s.device: s.data for s in a.addressable_shards}
+        out = [jnp.take(shards[d], jnp.asarray(take[d]), axis=0)
+               for d in a.sharding.addressable_devices_indices_map(shape)]
+        return jax.make_array_from_single_device_arrays(shape, a.sharding, out)
+
+    if len(devices) == 1:
+        pick = lambda a: jnp.take(a, jnp.asarray(rows), axis=0)   # noqa: E731
+    return EncodedSplit(pick(split.global_features),
+                        None if split.tokens is None else pick(split.tokens),
+                        None if split.mask is None else pick(split.mask),
+                        new_valid, split.pids[rows], split.image_ids[rows], split.order[rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _mesh_axis(mesh):
+    if mesh is None:
+        return None
+    axes = tuple(a for a in parallel.BATCH_AXES if a in mesh.shape)
+    return axes or tuple(mesh.shape)[:1]
+
+
+def _as_split(x: Union[EncodedSplit, Mapping[str, np.ndarray]]) -> EncodedSplit:
+    return x if isinstance(x, EncodedSplit) else from_numpy(x)
+
+
+def person_retrieval(query, gallery, mesh=None) -> dict[str, float]:
+    """Text -> image person retrieval metrics from encoded queries and gallery (EncodedSplit,
+    or encode_split dicts)."""
+    q, g = _as_split(query), _as_split(gallery)
+    sim = retrieval.global_scores(q.global_features, g.global_features, mesh=mesh,
+                                  axis=_mesh_axis(mesh) or "data", normalized=True,
+                                  gallery_valid=g.valid)
+    q_rows, g_rows = q.rows, g.rows
+    return metrics_lib.person_retrieval_metrics(_to_host(sim)[np.ix_(q_rows, g_rows)],
+                                                q.pids[q_rows], g.pids[g_rows])
+
+
+def caption_retrieval(query, gallery, k_t2i: int = 100, k_i2t: int = 50,
+                      local_scale: float = 10.0, mesh=None,
+                      local_exhaustive: bool = True) -> dict[str, dict[str, float]]:
+    """Global-only, local-only and two-stage caption retrieval metrics (keys 'global', 'local'
+    (only with local_exhaustive), 'two_stage').
+
+    query (captions) / gallery (images): EncodedSplit (features on device, sharded over
+    ``mesh``) or encode_split dicts. Scores are computed sharded over ``mesh`` (gallery sharded,
+    queries a chunk at a time); only the [N_img, N_txt] score matrices come to the host.
+    """
+    q, g = _as_split(query), _as_split(gallery)
+    q_rows, g_rows = q.rows, g.rows
+    index_of = {int(i): n for n, i in enumerate(g.image_ids[g_rows])}
+    missing = [int(i) for i in q.image_ids[q_rows] if int(i) not in index_of]
     if missing:
-        raise ValueError(f"{len(missing)} captions refer to images absent from the gallery (e.g. image id {missing[0]})")
-    text_to_image = np.array([index_of[int(i)] for i in query["image_ids"]])
-    img_g, txt_g = jnp.asarray(gallery["global"]), jnp.asarray(query["global"])
-    img_t, img_m = jnp.asarray(gallery["tokens"]), jnp.asarray(gallery["mask"])
-    txt_t, txt_m = jnp.asarray(query["tokens"]), jnp.asarray(query["mask"])
+        raise ValueError(f"{len(missing)} captions refer to images absent from the gallery "
+                         f"(e.g. image id {missing[0]})")
+    text_to_image = np.array([index_of[int(i)] for i in q.image_ids[q_rows]])
+    axis = _mesh_axis(mesh) or "data"
+    common = dict(mesh=mesh, axis=axis, normalized=True)
+
+    def i2t_host(scores):           # [N_img(all rows), N_txt(all rows)] -> valid, in order
+        return _to_host(scores)[np.ix_(g_rows, q_rows)]
+
+    def t2i_host(scores):           # [N_txt, N_img] -> [N_img, N_txt]
+        return _to_host(scores)[np.ix_(q_rows, g_rows)].T
 
     def report(sim_i2t_for_i2t, sim_i2t_for_t2i):
-        i2t = metrics_lib.caption_retrieval_metrics(np.asarray(sim_i2t_for_i2t), text_to_image=text_to_image)
-        t2i = metrics_lib.caption_retrieval_metrics(np.asarray(sim_i2t_for_t2i), text_to_image=text_to_image)
+        i2t = metrics_lib.caption_retrieval_metrics(sim_i2t_for_i2t, text_to_image=text_to_image)
+        t2i = metrics_lib.caption_retrieval_metrics(sim_i2t_for_t2i, text_to_image=text_to_image)
         merged = {k: v for k, v in i2t.items() if k.startswith("i2t")}
         merged.update({k: v for k, v in t2i.items() if k.startswith("t2i")})
         merged["rsum"] = sum(v for k, v in merged.items() if k != "rsum")
         return merged
 
-    s_global = similarity.global_similarity(img_g, txt_g)
-    s_local = similarity.local_similarity(img_t, img_m, txt_t, txt_m, scale=local_scale)
-    two_i2t = retrieval.two_stage_scores(img_g, img_t, img_m, txt_g, txt_t, txt_m, k=k_i2t,
-                                         direction="i2t", local_scale=local_scale, mesh=mesh)
-    two_t2i = retrieval.two_stage_scores(txt_g, txt_t, txt_m, img_g, img_t, img_m, k=k_t2i,
-                                         direction="t2i", local_scale=local_scale, mesh=mesh)
-    return {
-        "global": report(s_global, s_global),
-        "local": report(s_local, s_local),
-        "two_stage": report(two_i2t, jnp.transpose(two_t2i)),
-    }
+    result = {}
+    s_global = i2t_host(retrieval.global_scores(g.global_features, q.global_features,
+                                                gallery_valid=q.valid, **common))
+    result["global"] = report(s_global, s_global)
+    del s_global
+    if local_exhaustive:
+        s_local = i2t_host(retrieval.exhaustive_local(
+            g.tokens, g.mask, q.tokens, q.mask, "i2t", local_scale, gallery_valid=q.valid,
+            **common))
+        result["local"] = report(s_local, s_local)
+        del s_local
+    two_i2t = i2t_host(retrieval.two_stage_scores(
+        g.global_features, g.tokens, g.mask, q.global_features, q.tokens, q.mask, k=k_i2t,
+        direction="i2t", local_scale=local_scale, gallery_valid=q.valid, **common))
+    two_t2i = t2i_host(retrieval.two_stage_scores(
+        q.global_features, q.tokens, q.mask, g.global_features, g.tokens, g.mask, k=k_t2i,
+        direction="t2i", local_scale=local_scale, gallery_valid=g.valid, **common))
+    result["two_stage"] = report(two_i2t, two_t2i)
+    return {key: result[key] for key in ("global", "local", "two_stage") if key in result}
 
 
-def _take(split: dict, rows: np.ndarray) -> dict:
-    return {k: v[rows] for k, v in split.items()}
-
-
-def coco_1k_retrieval(query: dict, gallery: dict, folds: int = 5, fold_size: int = 1000, k_t2i: int = 100,
-                      k_i2t: int = 50, local_scale: float = 10.0, mesh=None) -> dict[str, dict[str, float]]:
+def coco_1k_retrieval(query, gallery, folds: int = 5, fold_size: int = 1000, k_t2i: int = 100,
+                      k_i2t: int = 50, local_scale: float = 10.0, mesh=None,
+                      local_exhaustive: bool = True) -> dict[str, dict[str, float]]:
     """COCO 1K protocol: `caption_retrieval` on each fold of `fold_size` images, averaged.
 
     Fold f holds the images ranked [f * fold_size, (f + 1) * fold_size) by image id (the split's
     image order, whatever order the evaluator gathered them in) and every caption of those
     images. Each fold is scored on its own features, so the two-stage top-k candidates come from
-    the fold's images / captions only. Every metric, rsum included, is the mean over folds (rsum
-    is not multiplied by the number of folds).
+    the fold's images / captions only (rows selected on each device, see `select_rows`). Every
+    metric, rsum included, is the mean over folds (rsum is not multiplied by the number of folds).
 
     Args:
-      query / gallery: outputs of `encode_split` (global [N,D], tokens [N,L,D], mask [N,L],
-        pids [N], image_ids [N]); the gallery must hold exactly folds * fold_size images.
+      query / gallery: EncodedSplit or outputs of `encode_split` (global [N,D], tokens [N,L,D],
+        mask [N,L], pids [N], image_ids [N]); the gallery must hold exactly folds * fold_size
+        images.
     Returns:
       {"global": {...}, "local": {...}, "two_stage": {...}} with the keys of `caption_retrieval`.
     """
-    n_img = len(gallery["image_ids"])
+    q, g = _as_split(query), _as_split(gallery)
+    g_rows = g.rows
+    n_img = len(g_rows)
     if folds < 1 or fold_size < 1 or n_img != folds * fold_size:
         raise ValueError(
             f"config.tgdt.coco_1k_folds={folds} x config.tgdt.coco_1k_fold_size={fold_size} = "
             f"{folds * fold_size} images, but the evaluation split has {n_img} images"
         )
-    order = np.argsort(gallery["image_ids"], kind="stable")
+    ids = g.image_ids[g_rows]
+    order = np.argsort(ids, kind="stable")
     per_fold = []
     for f in range(folds):
-        rows = order[f * fold_size:(f + 1) * fold_size]
-        txt = np.flatnonzero(np.isin(query["image_ids"], gallery["image_ids"][rows]))
-        per_fold.append(caption_retrieval(_take(query, txt), _take(gallery, rows), k_t2i=k_t2i, k_i2t=k_i2t,
-                                          local_scale=local_scale, mesh=mesh))
+        fold_ids = ids[order[f * fold_size:(f + 1) * fold_size]]
+        keep_g = np.zeros(len(g.valid), bool)
+        keep_g[g_rows[order[f * fold_size:(f + 1) * fold_size]]] = True
+        keep_q = q.valid & np.isin(q.image_ids, fold_ids)
+        per_fold.append(caption_retrieval(select_rows(q, keep_q), select_rows(g, keep_g),
+                                          k_t2i=k_t2i, k_i2t=k_i2t, local_scale=local_scale,
+                                          mesh=mesh, local_exhaustive=local_exhaustive))
     return {kind: {key: float(np.mean([m[kind][key] for m in per_fold])) for key in per_fold[0][kind]}
             for kind in per_fold[0]}
 
 
 class Evaluator:
     """Encodes the eval split with the current params and computes the family's metrics.
+
+    Features stay on device, sharded over the mesh (see the module docstring).
 
     Args:
       model: module with `encode_image` / `encode_text` methods.
@@ -143,29 +344,47 @@ class Evaluator:
         self.model, self.mesh, self.kind, self.config = model, mesh, kind, config
         self.gallery_fn, self.query_fn = gallery_fn, query_fn
         data = parallel.batch_sharding(mesh)
-        self._encode_image = jax.jit(
-            lambda p, x: model.apply({"params": p}, x, method="encode_image"), out_shardings=(data, data, data)
-        )
-        self._encode_text = jax.jit(
-            lambda p, x: model.apply({"params": p}, x, method="encode_text"), out_shardings=(data, data, data)
-        )
+        keep_tokens = kind == "caption"
+        dtype = jnp.bfloat16 if config.get("precision", "float32") == "bfloat16" else jnp.float32
+
+        def encoder(method):
+            def encode(p, x):
+                g, tok, mask = model.apply({"params": p}, x, method=method)
+                g = similarity.l2_normalize(g)              # normalized once, here
+                if not keep_tokens:
+                    return g, None, None
+                return g, similarity.normalize_tokens(tok, dtype), mask.astype(bool)
+            return jax.jit(encode, out_shardings=data)
+
+        self._encode_image = encoder("encode_image")
+        self._encode_text = encoder("encode_text")
+
+    def encode(self, params) -> tuple[EncodedSplit, EncodedSplit]:
+        """(gallery, queries) encoded with ``params``, on device."""
+        keep_tokens = self.kind == "caption"
+        gallery = encode_split_on_device(self._encode_image, params, self.gallery_fn(), "images",
+                                         self.mesh, keep_tokens)
+        query = encode_split_on_device(self._encode_text, params, self.query_fn(), "text_ids",
+                                       self.mesh, keep_tokens)
+        return gallery, query
 
     def run(self, params) -> dict[str, Any]:
-        keep_tokens = self.kind == "caption"
-        gallery = encode_split(self._encode_image, params, self.gallery_fn(), "images", self.mesh, keep_tokens)
-        query = encode_split(self._encode_text, params, self.query_fn(), "text_ids", self.mesh, keep_tokens)
+        gallery, query = self.encode(params)
         if self.kind == "person":
-            result = person_retrieval(query, gallery)
+            result = person_retrieval(query, gallery, mesh=self.mesh)
         else:
             tcfg = self.config.tgdt
+            local = bool(tcfg.get("eval_local_exhaustive", True))
             result = caption_retrieval(query, gallery, k_t2i=tcfg.k_t2i, k_i2t=tcfg.k_i2t,
-                                       local_scale=tcfg.local_scale)
+                                       local_scale=tcfg.local_scale, mesh=self.mesh,
+                                       local_exhaustive=local)
             folds = int(tcfg.get("coco_1k_folds", 0) or 0)
             if folds:
                 one_k = coco_1k_retrieval(query, gallery, folds, int(tcfg.get("coco_1k_fold_size", 1000)),
-                                          k_t2i=tcfg.k_t2i, k_i2t=tcfg.k_i2t, local_scale=tcfg.local_scale)
+                                          k_t2i=tcfg.k_t2i, k_i2t=tcfg.k_i2t, local_scale=tcfg.local_scale,
+                                          mesh=self.mesh, local_exhaustive=local)
                 result.update({f"coco_1k/{kind}": value for kind, value in one_k.items()})
-        result_counts = {"num_queries": int(len(query["global"])), "num_gallery": int(len(gallery["global"]))}
+        result_counts = {"num_queries": len(query), "num_gallery": len(gallery)}
         return {**result, **result_counts}
 
 

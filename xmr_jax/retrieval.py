@@ -28,7 +28,6 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from xmr_jax.similarity import (_check_tokens, _compute_dtype, _local_tiled, _normalize_tokens,
@@ -368,16 +367,18 @@ def _run_search(mode, query_global, query_tokens, query_mask, gallery_global, ga
         dtype = jnp.dtype(jnp.float32)
     if int(k) < 1:
         raise ValueError(f"k (candidates reranked per query) must be >= 1; got {k}")
-    if n_g == 0:
-        raise ValueError("the gallery is empty")
-    k = min(int(k), n_g)
-    n_dev = 1 if mesh is None else _axis_size(mesh, axis)
+    n_valid = n_g
     if gallery_valid is None:
         g_valid = jnp.ones((n_g,), bool)
     else:
         g_valid = jnp.asarray(gallery_valid).astype(bool)
         if g_valid.shape != (n_g,):
             raise ValueError(f"gallery_valid must have shape ({n_g},); got {g_valid.shape}")
+        n_valid = int(jax.device_get(jnp.sum(g_valid)))      # candidates only among valid items
+    if n_valid == 0:
+        raise ValueError("the gallery is empty")
+    k = min(int(k), n_valid)
+    n_dev = 1 if mesh is None else _axis_size(mesh, axis)
     # Rows that can never be selected (s_g = -inf, no valid tokens) so every device holds as
     # many; queries padded likewise with a mesh (their rows are sliced off). No-op when divisible.
     gallery_global, gallery_tokens, gallery_mask, g_valid = (
@@ -514,6 +515,6 @@ def topk_search(query_global, gallery_global, k: int = 10, query_tokens=None, qu
         "two_stage", query_global, query_tokens, query_mask, gallery_global, gallery_tokens,
         gallery_mask, gallery_valid, rerank_k, direction, local_scale, query_chunk, mesh, axis,
         k, compute_dtype, precision, normalized)
-    n_cand = min(k, int(rerank_k), n_g)
+    n_cand = min(k, cand_scores.shape[1])           # rerank_k, capped by the valid items
     scores = keys.at[:, :n_cand].set(cand_scores[:, :n_cand])
     return _unpad(idx, n_q).astype(jnp.int32), _unpad(scores, n_q)
