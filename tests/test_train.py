@@ -57,8 +57,11 @@ def test_resume_equals_uninterrupted(tmp_path):
     pulled = []
     first = train.train(config, part_dir, lambda s: iterator_from(s, lambda i: (pulled.append(i), stop_at_5(i))),
                         steps_per_epoch=4)
-    assert first.stopped and int(first.state.step) == 6  # stop is honoured at the next log step
-    assert pulled == [1, 2, 3, 4, 5, 6]  # no batch pulled beyond the step where training stopped
+    # Batch 5 is pulled (stop requested) while step 4 runs; step 5 is the step running when the
+    # stop is seen: it is the one saved, and no batch is pulled beyond it.
+    assert first.stopped and int(first.state.step) == 5
+    assert pulled == [1, 2, 3, 4, 5]
+    assert checkpoints.Checkpointer(part_dir).all_steps() == [2, 4, 5]
     resumed = train.train(config, part_dir, iterator_from, steps_per_epoch=4)
     assert not resumed.stopped and int(resumed.state.step) == 8
     np.testing.assert_allclose(flat_params(full.state), flat_params(resumed.state), rtol=1e-6, atol=1e-7)
@@ -73,9 +76,18 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     result = train.train(config, str(tmp_path), lambda s: iterator_from(s, sigterm_at_3), steps_per_epoch=4)
     assert result.stopped
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
-    assert checkpoints.Checkpointer(str(tmp_path)).latest_step() == 4
+    assert checkpoints.Checkpointer(str(tmp_path)).latest_step() == 3  # not only at log steps
     resumed = train.train(config, str(tmp_path), iterator_from, steps_per_epoch=4)
     assert int(resumed.state.step) == 8
+
+
+def test_stop_before_the_first_step_saves_nothing(tmp_path):
+    pulled = []
+    checkpoints.request_stop()  # e.g. SIGTERM while the step was compiling
+    result = train.train(tiny_config(), str(tmp_path), lambda s: iterator_from(s, pulled.append), steps_per_epoch=4)
+    assert result.stopped and int(result.state.step) == 0 and pulled == []
+    assert checkpoints.Checkpointer(str(tmp_path)).all_steps() == []
+    assert not checkpoints.stop_requested()  # the flag does not leak into the next run
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -86,10 +98,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
             yield batch
 
     config = tiny_config()
-    with pytest.raises(train.TrainingDiverged, match="NaN/Inf.*last good checkpoint \\(step 4\\)"):
+    config.async_checkpoints = True  # the message waits for the pending save before it tells
+    with pytest.raises(train.TrainingDiverged, match="NaN/Inf between steps 5 and 6.*last good checkpoint is step 4 in "):
         train.train(config, str(tmp_path), poisoned, steps_per_epoch=4)
     ckpt = checkpoints.Checkpointer(str(tmp_path))
     assert ckpt.latest_step() == 4
+
+
+def test_nan_before_any_checkpoint_says_none_was_written(tmp_path):
+    def poisoned(start):
+        for batch in iterator_from(start):
+            batch["images"] = np.full_like(batch["images"], np.nan)
+            yield batch
+
+    with pytest.raises(train.TrainingDiverged) as err:
+        train.train(tiny_config(), str(tmp_path), poisoned, steps_per_epoch=4)
+    assert "No checkpoint was written" in str(err.value) and "last good" not in str(err.value)
+    assert checkpoints.Checkpointer(str(tmp_path)).all_steps() == []
 
 
 def test_nonfinite_step_keeps_params_and_optimizer_state():

@@ -24,12 +24,23 @@ Intended trainer loop (every process runs the same code)::
 
 ``save`` returns once the arrays are copied off the devices, so the state may be donated to the
 next step while the files are being written in the background.
+
+Failures: a save that fails (disk full, permission denied, ...) raises ``CheckpointSaveError``
+(message: the step, the folder and the cause) from ``save`` / ``check`` / ``wait``; its unfinished
+step folder is removed, the older checkpoints stay as they were, and orbax's own multi-line error
+logs for it are held back (shown with ``--verbosity=1``). ``check()`` costs nothing while no save is
+pending and surfaces a background failure at the next step.
+
+Preemption: SIGTERM / SIGINT set a flag (``install_signal_handlers``); ``StopPoller`` turns it
+into a per-step decision that every process takes at the same step; the trainer then saves and
+the main job exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "resubmit the same command").
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterable, Mapping
@@ -40,12 +51,74 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from xmr_jax import logging_utils
+
 PyTree = Any
 _log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; resubmit to resume
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tree or shapes differ from the restore template."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing checkpoint `step` into `directory` failed; `cause` says why (one line)."""
+
+    def __init__(self, step: int, directory: str, cause: str, kept: list[int]):
+        self.step, self.directory, self.cause, self.kept = step, directory, cause, kept
+        older = (f"the newest complete checkpoint is step {kept[-1]}" if kept
+                 else "no complete checkpoint exists")
+        super().__init__(f"could not save checkpoint step {step} in {directory}: {cause}; training "
+                         f"stopped. The unfinished step was removed; {older}.")
+
+
+class _HeldBackOrbaxErrors(logging.Filter):
+    """Drops orbax's ERROR records (multi-line tracebacks from its background threads) while a
+    Checkpointer turns the failure into one CheckpointSaveError; kept in `records` for debugging.
+    Inactive when absl logs at DEBUG (--verbosity=1 or more)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+        if from_orbax and record.levelno >= logging.ERROR and logging.getLogger("absl").getEffectiveLevel() > logging.DEBUG:
+            self.records = (self.records + [record])[-20:]
+            return False
+        return True
+
+
+_ORBAX_ERRORS = _HeldBackOrbaxErrors()
+
+
+class _NoItemMetadataWarning(logging.Filter):
+    """Drops orbax's 'Metadata file does not exist: .../_CHECKPOINT_METADATA' warning: reading one
+    item folder (<step>/state) directly is expected to lack the step-level metadata file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_CHECKPOINT_METADATA" not in str(record.getMessage())
+
+
+class item_reader_quiet:  # pylint: disable=invalid-name
+    """Context manager: orbax reads of an item folder without the step metadata warning."""
+
+    _filter = _NoItemMetadataWarning()
+
+    def __enter__(self):
+        logging.getLogger("absl").addFilter(self._filter)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("absl").removeFilter(self._filter)
+
+
+def _hold_back_orbax_errors() -> None:
+    absl_logger = logging.getLogger("absl")
+    if _ORBAX_ERRORS not in absl_logger.filters:
+        absl_logger.addFilter(_ORBAX_ERRORS)
 
 
 def _key_name(k: Any) -> str:
@@ -94,10 +167,10 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int | None = 3, async_save: bool = True):
         if keep is not None and int(keep) < 1:
             raise ValueError(f"keep_checkpoints must be >= 1 or None, got {keep}")
-        path = str(workdir)
-        if "://" not in path:
-            path = os.path.abspath(path)
-        self.directory = os.path.join(path, "checkpoints")
+        self.directory = logging_utils.join(workdir, "checkpoints")
+        self._pending: int | None = None  # step of a save that may still be running
+        self._failed: CheckpointSaveError | None = None
+        _hold_back_orbax_errors()
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         for args_type in (ocp.args.StandardSave, ocp.args.StandardRestore):
             registry.add("state", args_type, ocp.StandardCheckpointHandler)
@@ -107,6 +180,8 @@ class Checkpointer:
             max_to_keep=None if keep is None else int(keep),
             save_interval_steps=1,
             create=True,
+            # Unfinished step folders of an earlier run (killed mid-save) never confuse a resume.
+            cleanup_tmp_directories=True,
             enable_async_checkpointing=bool(async_save),
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
@@ -130,21 +205,81 @@ class Checkpointer:
         """
         del force  # save_interval_steps is 1; orbax never overwrites an existing step
         step = int(step)
+        self.wait()  # one save at a time; raises CheckpointSaveError for an earlier failed one
         if step in self._mngr.all_steps():
             _log.info("checkpoint for step %d already exists in %s; not saving again", step, self.directory)
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(metadata or {}))
         )
-        return bool(self._mngr.save(step, args=args, force=True))
+        self._pending = step
+        try:
+            saved = bool(self._mngr.save(step, args=args, force=True))
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._fail(e) from None
+        if not self._mngr.is_saving_in_progress():
+            self.wait()  # a synchronous save: report its failure now
+        return saved
+
+    def check(self) -> None:
+        """Raises CheckpointSaveError if a background save has failed; never blocks (call it
+        every step)."""
+        if self._failed is not None:
+            raise self._failed
+        if self._pending is not None and not self._mngr.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        """Blocks until pending async saves are written."""
-        self._mngr.wait_until_finished()
+        """Blocks until pending async saves are written; raises CheckpointSaveError if one failed."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._mngr.wait_until_finished()
+            self._mngr.check_for_errors()
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._fail(e) from None
+        self._pending = None
+
+    def _fail(self, err: BaseException) -> CheckpointSaveError:
+        """Removes the unfinished step, returns the one-line error (raised again by later calls)."""
+        step = self._pending
+        self._pending = None
+        try:
+            self._remove_unfinished(step)
+        except Exception as cleanup_err:  # pylint: disable=broad-except
+            _log.warning("could not remove the unfinished checkpoint step %s: %s", step, cleanup_err)
+        try:
+            self._mngr.reload()
+            kept = sorted(self._mngr.all_steps())
+        except Exception:  # pylint: disable=broad-except
+            kept = []
+        self._failed = CheckpointSaveError(step, self.directory, logging_utils.describe_os_error(err), kept)
+        self._failed.__cause__ = err
+        return self._failed
+
+    def _remove_unfinished(self, step: int | None) -> None:
+        if step is None or jax.process_index() != 0:
+            return
+        root = logging_utils.as_path(self.directory)
+        if not root.exists():
+            return
+        unfinished = re.compile(rf"^{int(step)}(\.orbax-checkpoint-tmp.*)?$")
+        for child in root.iterdir():
+            if unfinished.match(child.name):
+                child.rmtree() if child.is_dir() else child.unlink()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Waits for pending saves and releases orbax's threads. After a failed save it only
+        releases (the failure was raised already)."""
+        try:
+            if self._failed is None:
+                self.wait()
+        finally:
+            try:
+                self._mngr.close()
+            except Exception:  # pylint: disable=broad-except
+                if self._failed is None:
+                    raise
 
     def __enter__(self):
         return self
@@ -210,33 +345,37 @@ class Checkpointer:
 
 def _resolve_step_dir(path: str, step: int | None) -> tuple[str, int]:
     """Accepts a step folder (<..>/checkpoints/<step>), a checkpoints folder, or a workdir."""
-    path = str(path)
-    if "://" not in path:
-        path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    if os.path.isdir(os.path.join(path, "state")):
-        name = os.path.basename(os.path.normpath(path))
-        if not name.isdigit():
-            raise FileNotFoundError(f"{path} holds a 'state' folder but is not named by a step number")
-        if step is not None and int(step) != int(name):
-            raise ValueError(f"checkpoint path {path} is step {name}, but step={step} was requested")
-        return path, int(name)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    steps = sorted(
-        int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n, "state"))
-    )
+    p = logging_utils.as_path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {p} does not exist")
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint path {p} is a file, not a checkpoint folder (a workdir, its "
+                                "checkpoints folder or one <step> folder)")
+    if (p / "state").is_dir():
+        if not p.name.isdigit():
+            raise FileNotFoundError(f"{p} holds a 'state' folder but is not named by a step number")
+        if step is not None and int(step) != int(p.name):
+            raise ValueError(f"checkpoint path {p} is step {p.name}, but step={step} was requested")
+        return str(p), int(p.name)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir())
     if not steps:
         raise FileNotFoundError(
-            f"no checkpoint in {path}: expected step folders <step>/state written by "
+            f"no checkpoint in {p}: expected step folders <step>/state written by "
             "xmr_jax.checkpoints.Checkpointer"
         )
     if step is None:
         step = steps[-1]
     elif int(step) not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {path}; saved steps: {steps}")
-    return os.path.join(path, str(int(step))), int(step)
+        raise FileNotFoundError(f"no checkpoint for step {step} in {p}; saved steps: {steps}")
+    return str(p / str(int(step))), int(step)
+
+
+def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
+    """(step folder, step) of the checkpoint `load_params` would read; reads no array. Raises
+    FileNotFoundError saying what was expected."""
+    return _resolve_step_dir(path, step)
 
 
 def load_params(path: str, step: int | None = None, sharding=None) -> tuple[PyTree, int]:
@@ -247,9 +386,10 @@ def load_params(path: str, step: int | None = None, sharding=None) -> tuple[PyTr
     default replicated over all devices. Returns (params as a nested dict of jax.Array, step).
     """
     step_dir, step = _resolve_step_dir(path, step)
-    state_dir = os.path.join(step_dir, "state")
+    state_dir = logging_utils.join(step_dir, "state")
     checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(state_dir)
+    with item_reader_quiet():
+        meta = checkpointer.metadata(state_dir)
     meta = getattr(meta, "item_metadata", meta)
     meta = getattr(meta, "tree", meta)
     if not isinstance(meta, Mapping) or "params" not in meta:
@@ -266,12 +406,13 @@ def load_params(path: str, step: int | None = None, sharding=None) -> tuple[PyTr
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract
     )
-    out = checkpointer.restore(
-        state_dir,
-        args=ocp.args.PyTreeRestore(
-            item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True
-        ),
-    )
+    with item_reader_quiet():
+        out = checkpointer.restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True
+            ),
+        )
     return out["params"], step
 
 
@@ -293,18 +434,21 @@ def _on_signal(signum, frame):
     _STOP.set()
 
 
-def install_signal_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+def install_signal_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> bool:
     """Makes SIGTERM / SIGINT set the stop flag (``should_stop()``) instead of killing the process.
 
     Must be called from the main thread. A second SIGINT raises KeyboardInterrupt. Undo with
-    ``restore_signal_handlers()``.
+    ``restore_signal_handlers()``. Returns False (and changes nothing) when they are installed
+    already, so a caller nested in another that installed them leaves them to that caller.
     """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("install_signal_handlers() must be called from the main thread")
+    if _PREVIOUS_HANDLERS:
+        return False
     for sig in signals:
-        if sig not in _PREVIOUS_HANDLERS:
-            _PREVIOUS_HANDLERS[sig] = signal.getsignal(sig)
+        _PREVIOUS_HANDLERS[sig] = signal.getsignal(sig)
         signal.signal(sig, _on_signal)
+    return True
 
 
 def restore_signal_handlers() -> None:
@@ -323,12 +467,17 @@ def reset_stop() -> None:
     _STOP.clear()
 
 
+def stop_requested() -> bool:
+    """This process's flag (no communication)."""
+    return _STOP.is_set()
+
+
 def should_stop() -> bool:
-    """True once a stop was requested on ANY process.
+    """True once a stop was requested on ANY process (blocking).
 
     Single process: reads the local flag. Several processes: an all-gather of the flags (a
-    collective: every process must call it at the same steps, e.g. every ``log_every`` steps), so
-    that all processes save the same step and stop together.
+    collective: every process must call it at the same point), so that all processes agree.
+    In the train loop use ``StopPoller``, which costs nothing per step.
     """
     local = _STOP.is_set()
     if jax.process_count() == 1:
@@ -337,3 +486,37 @@ def should_stop() -> bool:
 
     flags = multihost_utils.process_allgather(np.asarray([local], dtype=np.int32))
     return bool(np.asarray(flags).any())
+
+
+class StopPoller:
+    """The per-step stop decision of the train loop, the same on every process.
+
+    One process: ``poll()`` reads the local flag (free), so a signal stops training at the step
+    that is running when it arrives. Several processes: every ``poll()`` dispatches an
+    asynchronous max-reduction of all processes' flags (a scalar per device, queued behind the
+    step just dispatched) and decides on the reduction dispatched by the previous ``poll()``,
+    whose result is ready or nearly so: no host round trip is added to the step, and all
+    processes, which call ``poll()`` once per step, see the same value at the same call.
+    """
+
+    def __init__(self):
+        self._multi = jax.process_count() > 1
+        self._pending = None
+        if self._multi:  # every device, each process's devices contiguous
+            devices = np.asarray(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
+            flat = jax.sharding.Mesh(devices, ("all",))
+            self._sharding = NamedSharding(flat, P("all"))
+            self._n_local = sum(d.process_index == jax.process_index() for d in devices)
+            self._reduce = jax.jit(lambda f: f.max(), out_shardings=NamedSharding(flat, P()))
+
+    def first(self) -> bool:
+        """Before the first step: a blocking agreement (once)."""
+        return should_stop()
+
+    def poll(self) -> bool:
+        if not self._multi:
+            return _STOP.is_set()
+        local = np.full((self._n_local,), int(_STOP.is_set()), np.int32)
+        flags = jax.make_array_from_process_local_data(self._sharding, local)
+        previous, self._pending = self._pending, self._reduce(flags)
+        return previous is not None and bool(jax.device_get(previous))

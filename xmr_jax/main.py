@@ -4,18 +4,40 @@ Config overrides: `--config.batch_size=32`, or big_vision style `--config=config
 Modes: train_and_eval (default), train, eval (the latest checkpoint in --workdir, --checkpoint=DIR,
 or --checkpoint=best.pth: a PyTorch IRRA checkpoint, imported with its own class count). Multi-host: jax.distributed is initialized from the TPU / SLURM environment or
 from --coordinator_address/--num_processes/--process_id.
+
+--workdir may be local or on any filesystem etils.epath knows (gs://bucket/run, ...): config,
+metrics.jsonl, TensorBoard, evaluation reports and checkpoints all go there.
+Training writes config.json/.txt, metrics.jsonl, tensorboard/, eval_metrics.json, checkpoints/.
+--mode=eval checks the checkpoint before it writes anything, then writes only its own files:
+eval_config.json/.txt and eval_checkpoint_metrics.json (never the training run's config.json).
+
+Exit status:
+  0   finished.
+  1   failed while running: a checkpoint could not be saved (disk full, permissions), the loss
+      diverged (NaN/Inf), or another file could not be written; one line on stderr says which.
+  2   bad command line, config, workdir or checkpoint; one line on stderr names the flag or file.
+  75  (EX_TEMPFAIL) stopped by SIGTERM/SIGINT: the step running when the signal arrived was
+      checkpointed (if training had begun); resubmit the same command to resume.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
+import signal
 import sys
+from contextlib import contextmanager
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL; = xmr_jax.checkpoints.EXIT_PREEMPTED (not imported: it pulls in jax)
+
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (optionally with :key=value,...).")
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, config and metrics.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, config and metrics (local or gs://...).")
 flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval"], "What to run.")
 flags.DEFINE_string("checkpoint", None, "eval mode: a workdir or checkpoints folder to evaluate (default "
                     "--workdir), or a PyTorch IRRA checkpoint file (best.pth) to import and evaluate.")
@@ -25,24 +47,50 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 FLAGS = flags.FLAGS
 
 
+class UserError(ValueError):
+    """A flag, file or config value the user gave cannot be used (message names it)."""
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT ended the run; training state up to the last step is checkpointed."""
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
 def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoint: str | None = None) -> dict:
-    """Trains and/or evaluates; returns the evaluation result (empty dict in train mode)."""
+    """Trains and/or evaluates; returns the evaluation result (empty dict in train mode).
+
+    Raises Preempted when a signal stopped training (after its checkpoint was saved).
+    """
     import jax
 
     from data_pipelines import input_pipeline
-    from xmr_jax import checkpoints, evaluate, train
+    from xmr_jax import checkpoints, evaluate, logging_utils, train
     from xmr_jax.logging_utils import MetricWriter
     from xmr_jax.models.families import get_family
 
+    workdir = logging_utils.path_str(workdir)
     train.validate_config(config)
+    torch_file = None
+    if mode == "eval":  # find what to evaluate before anything is built or written
+        source = checkpoint or workdir
+        if _is_file(source):
+            torch_file = source
+        else:
+            checkpoints.find_checkpoint(source)
     data = input_pipeline.from_config(config, jax.process_index(), jax.process_count())
     if config.num_classes <= 0:
         config.num_classes = data.num_classes
     steps_per_epoch = data.steps_per_epoch
-    train.write_config(config, workdir)
+    is_chief = jax.process_index() == 0
+    train.write_config(config, workdir, name="eval_config" if mode == "eval" else "config")
 
     kind = "caption" if config.model_family == "tgdt" else "person"
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    # Evaluation of a given checkpoint writes no training logs (metrics.jsonl, TensorBoard).
+    writer = MetricWriter(workdir, enabled=is_chief) if mode != "eval" else None
+    report_name = "eval_checkpoint" if mode == "eval" else "eval"
+    evaluated = {}  # eval mode: which checkpoint, recorded in the report
 
     evaluators = {}  # one per (model, mesh): its jitted encoders compile once for all evaluations
 
@@ -50,38 +98,281 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
         if (model, mesh) not in evaluators:
             evaluators[model, mesh] = evaluate.Evaluator(model, mesh, kind, data.gallery_iter, data.query_iter, config)
         result = evaluators[model, mesh].run(params)
-        table = evaluate.report(result, workdir, step, writer)
-        writer.flush()
-        if jax.process_index() == 0:
+        table = write_report(result, workdir, step, writer, report_name, extra=evaluated)
+        if writer is not None:
+            writer.flush()
+        if is_chief:
             print("\n" + table, flush=True)
         return result
 
-    if mode in ("train", "train_and_eval"):
-        trained = train.train(config, workdir, data.train_iter, steps_per_epoch,
-                              periodic_eval=evaluate_and_report if mode == "train_and_eval" else None,
-                              writer=writer)
-        if mode == "train" or trained.stopped:
-            return {}
-        model, mesh, params = trained.model, trained.mesh, trained.state.params
-        step = int(jax.device_get(trained.state.step))
-    else:
-        from xmr_jax import parallel
-
-        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-        if checkpoint and os.path.isfile(checkpoint):  # a PyTorch IRRA checkpoint (best.pth)
-            from xmr_jax.convert.irra import load_irra
-
-            model, params = load_irra(checkpoint, image_size=tuple(config.data.image_size),
-                                      **dict(config.model.get("import_overrides", {})))
-            step = 0
+    try:
+        if mode in ("train", "train_and_eval"):
+            trained = train.train(config, workdir, data.train_iter, steps_per_epoch,
+                                  periodic_eval=evaluate_and_report if mode == "train_and_eval" else None,
+                                  writer=writer)
+            if trained.stopped:
+                step = int(jax.device_get(trained.state.step))
+                raise Preempted(f"training stopped by signal at step {step}; checkpoints in "
+                                f"{logging_utils.join(workdir, 'checkpoints')}")
+            if mode == "train":
+                return {}
+            model, mesh, params = trained.model, trained.mesh, trained.state.params
+            step = int(jax.device_get(trained.state.step))
         else:
-            model = get_family(config.model_family).build(config)
-            params, step = checkpoints.load_params(checkpoint or os.path.join(workdir, "checkpoints"))
+            from xmr_jax import parallel
 
-    result = evaluate_and_report(model, mesh, params, step)
-    if jax.process_index() == 0:
-        print(f"Metrics written to {os.path.join(workdir, 'eval_metrics.json')}", flush=True)
+            mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+            if torch_file:  # a PyTorch IRRA checkpoint (best.pth)
+                model, params = _load_torch_checkpoint(torch_file, config)
+                step = 0
+            else:
+                model = get_family(config.model_family).build(config)
+                params, step = checkpoints.load_params(checkpoint or logging_utils.join(workdir, "checkpoints"))
+            evaluated["checkpoint"] = logging_utils.path_str(checkpoint or workdir)
+
+        result = evaluate_and_report(model, mesh, params, step)
+    finally:
+        if writer is not None:
+            writer.close()
+    if is_chief:
+        print(f"Metrics written to {logging_utils.join(workdir, report_name + '_metrics.json')}", flush=True)
     return result
+
+
+def write_report(result, workdir: str, step: int, writer=None, name: str = "eval", extra=None) -> str:
+    """Writes WORKDIR/{name}_metrics.json through the path layer (+ scalars via writer); returns the
+    printed table (the tables of `xmr_jax.evaluate.report`)."""
+    import json
+    from collections.abc import Mapping
+
+    import jax
+
+    from xmr_jax import evaluate, logging_utils
+    from xmr_jax import metrics as metrics_lib
+
+    title = "eval" if name == "eval" else name.replace("_", " ")
+    nested = {k: v for k, v in result.items() if isinstance(v, Mapping)}
+    if nested:
+        tables = [metrics_lib.format_metrics_table(v, title=f"{title} @ step {step}: {k}") for k, v in nested.items()]
+    else:
+        scalars = {k: v for k, v in result.items() if not k.startswith("num_")}
+        tables = [metrics_lib.format_metrics_table(scalars, title=f"{title} @ step {step}")]
+    if jax.process_index() == 0:
+        logging_utils.write_text(logging_utils.join(workdir, f"{name}_metrics.json"),
+                                 json.dumps({"step": step, **(extra or {}), **result}, indent=2))
+        if writer is not None:
+            writer.scalars(step, evaluate.flatten_metrics(result), prefix=name)
+    return "\n".join(tables)
+
+
+def _is_file(path: str) -> bool:
+    from xmr_jax import logging_utils
+
+    p = logging_utils.as_path(path)
+    return p.exists() and not p.is_dir()
+
+
+def _load_torch_checkpoint(path: str, config):
+    from xmr_jax.convert.irra import load_irra
+
+    try:
+        return load_irra(path, image_size=tuple(config.data.image_size),
+                         **dict(config.model.get("import_overrides", {})))
+    except ValueError as e:
+        cause = e.__cause__
+        if cause is not None:  # torch's own text (advice on weights_only=False) is not for this case
+            raise UserError(f"--checkpoint={path}: could not be read as a PyTorch IRRA checkpoint "
+                            f"(torch.load, weights only: {type(cause).__name__})") from e
+        raise UserError(f"--checkpoint={path}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- cheap checks
+
+
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archive; legacy pickle
+
+
+def check_inputs(workdir: str, mode: str, checkpoint: str | None) -> str:
+    """The checks that need no jax: the checkpoint to evaluate exists and looks like one, and the
+    workdir can be written. Returns the workdir as the path layer prints it. Raises UserError."""
+    from xmr_jax import logging_utils
+
+    if mode == "eval":
+        source = checkpoint or workdir
+        flag = "--checkpoint" if checkpoint else "--workdir"
+        p = logging_utils.as_path(source)
+        if not p.exists():
+            raise UserError(f"{flag}={source}: does not exist (--mode=eval needs a training workdir, its "
+                            "checkpoints folder, one <step> folder, or a PyTorch IRRA .pth file)")
+        if not p.is_dir():
+            with p.open("rb") as f:
+                head = f.read(16)
+            if not (head.startswith(_TORCH_MAGIC) or source.endswith(".safetensors")):
+                raise UserError(f"{flag}={source}: not a checkpoint (expected a PyTorch .pth/.pt file, which is "
+                                "a zip archive or a pickle, or a folder written by training)")
+        elif not _has_step_folder(p):
+            raise UserError(
+                f"{flag}={source}: holds no checkpoint (expected <step>/state folders under it or under its "
+                "checkpoints/ folder, written by training)"
+                + ("; pass --checkpoint=DIR or --checkpoint=best.pth" if not checkpoint else ""))
+    try:
+        return logging_utils.check_writable_dir(workdir, "--workdir")
+    except logging_utils.PathCheckError as e:
+        raise UserError(str(e)) from e
+
+
+def _has_step_folder(p) -> bool:
+    if (p / "state").is_dir():
+        return True
+    for root in (p / "checkpoints", p):
+        if root.is_dir() and any(c.name.isdigit() and (c / "state").is_dir() for c in root.iterdir()):
+            return True
+    return False
+
+
+def _config_spec(argv) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg[len("--config="):]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def precheck_argv(argv) -> str | None:
+    """A problem with the command line that needs no imports (the config file), or None."""
+    spec = _config_spec(argv)
+    if spec is None:
+        return None
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "no such file"
+        return f"--config={spec}: {what} (expected a config file such as --config=configs/demo.py)"
+    return None
+
+
+def _load_config(spec: str):
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_xmr_main_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _overrides(argv):
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config.") and len(arg) > len("--config."):
+            name, eq, value = arg[len("--config."):].partition("=")
+            if not eq and i + 1 < len(argv):
+                value = argv[i + 1]
+            yield name, value
+
+
+def explain_config_error(argv, err: BaseException) -> str:
+    """One line for an error raised while absl parsed --config / --config.* (names the flag and,
+    for an unknown field, the close matches)."""
+    spec = _config_spec(argv)
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if spec is None:
+        return first
+    try:
+        config = _load_config(spec)
+    except Exception as e:  # pylint: disable=broad-except
+        line = (str(e).strip().splitlines() or [""])[0]
+        return f"--config={spec}: loading it failed: {type(e).__name__}: {line}"
+    for name, value in _overrides(argv):
+        node, parts = config, name.split(".")
+        for i, part in enumerate(parts):
+            where = "config" + "".join("." + p for p in parts[:i])
+            if not hasattr(node, "keys"):
+                return f"--config.{name}={value}: {where} is a {type(node).__name__} and has no field {part!r}"
+            keys = [str(k) for k in node.keys()]
+            if part not in keys:
+                close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
+                prefix = "--config." + "".join(p + "." for p in parts[:i])
+                hint = (f"; did you mean {' or '.join(prefix + c for c in close)}?" if close
+                        else f"; its fields: {', '.join(sorted(keys))}")
+                return f"--config.{name}={value}: {where} has no field {part!r}{hint}"
+            node = node[part]
+    return f"--config={spec}: {type(err).__name__}: {first}"
+
+
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        text = str(e).strip()
+        if "Traceback" in text:  # the config file's get_config raised: say what it raised
+            _exit_usage(explain_config_error(argv, e))
+        _exit_usage(text.splitlines()[0] if text else type(e).__name__)
+    except Exception as e:  # pylint: disable=broad-except  # the config file or an override
+        _exit_usage(explain_config_error(argv, e))
+
+
+def _exit_usage(message: str):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@contextmanager
+def _signals_stop_with_preempted():
+    """Outside the train loop (data build, compilation, evaluation), SIGTERM/SIGINT raise
+    Preempted at once (there is nothing to save); inside it the trainer's handlers save first."""
+
+    def handler(signum, frame):
+        del frame
+        raise Preempted(f"received {signal.Signals(signum).name} outside the train loop")
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def run_main(config, workdir: str, mode: str = "train_and_eval", checkpoint: str | None = None,
+             distributed: tuple | None = None) -> int:
+    """What `python -m xmr_jax.main` does after flag parsing; returns the exit status and prints
+    one line on stderr for every failure (no traceback)."""
+    try:
+        workdir = check_inputs(workdir, mode, checkpoint)
+        with _signals_stop_with_preempted():
+            if distributed is not None:
+                from xmr_jax import parallel
+
+                parallel.initialize_distributed(*distributed)
+            run_experiment(config, workdir, mode, checkpoint)
+        return 0
+    except Preempted as e:
+        print(f"stopped: {e}. Exit status {EXIT_PREEMPTED}: resubmit the same command to resume.",
+              file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except Exception as e:  # pylint: disable=broad-except
+        status, message = _classify(e)
+        if status is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return status
+
+
+def _classify(err: BaseException) -> tuple[int | None, str]:
+    """(exit status, one-line message) for the failures main reports without a traceback."""
+    from xmr_jax import checkpoints, logging_utils, train
+
+    if isinstance(err, (checkpoints.CheckpointSaveError, train.TrainingDiverged)):
+        return EXIT_FAILURE, str(err)
+    if isinstance(err, (UserError, ValueError, KeyError, FileNotFoundError)):
+        return EXIT_USAGE, str(err)
+    if isinstance(err, OSError):  # writing config, metrics, TensorBoard or a report failed
+        where = f" {err.filename}" if getattr(err, "filename", None) else ""
+        return EXIT_FAILURE, f"could not write{where}: {logging_utils.describe_os_error(err)}"
+    return None, ""
 
 
 def main(argv):
@@ -94,18 +385,16 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not FLAGS["verbosity"].present:  # orbax/tfds INFO lines would bury the progress bar
         logging.set_verbosity(logging.WARNING)
-    from xmr_jax import parallel
-
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    try:
-        run_experiment(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.checkpoint)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    distributed = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    return run_main(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.checkpoint, distributed=distributed)
 
 
-def run():
-    app.run(main)
+def run(argv=None):
+    argv = list(sys.argv if argv is None else argv)
+    problem = precheck_argv(argv)
+    if problem:
+        _exit_usage(problem)
+    app.run(main, argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

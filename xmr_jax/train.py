@@ -5,9 +5,13 @@ Init: the train state (parameters + optimizer state) is created directly in its 
 weights are placed shard by shard), or restored into them on resume; no device holds a full copy.
 Loop: dispatch `train_step` (compiled once) on batch s, then build and transfer batch s+1 while it
 runs -> metrics kept on device and fetched every `log_every` steps (the only host sync in the
-loop) -> orbax checkpoints every `ckpt_every_steps` and on SIGTERM/SIGINT. A step whose loss is
-NaN/Inf does not change the parameters or optimizer state; the loop stops at the next log point
-with a message, and the last checkpoint on disk stays the last good one.
+loop) -> orbax checkpoints every `ckpt_every_steps`.
+Stops: SIGTERM/SIGINT -> checkpoint of the step running when the signal arrived (every process
+agrees on it, `checkpoints.StopPoller`), then `TrainResult.stopped`. A failed save raises
+`checkpoints.CheckpointSaveError` at the next step (its unfinished folder removed). A step whose
+loss is NaN/Inf does not change the parameters or optimizer state; the loop stops at the next log
+point with `TrainingDiverged`, whose message says which checkpoint (if any) is on disk: a diverged
+state is never saved.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from xmr_jax import checkpoints, optim, parallel
+from xmr_jax import checkpoints, logging_utils, optim, parallel
 from xmr_jax.logging_utils import MetricWriter, ProgressBar
 from xmr_jax.models.families import get_family
 
@@ -273,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
     start_step = ckpt.latest_step() or 0
     if start_step:  # read straight into the target shardings; nothing is initialized first
         state = ckpt.restore(init.abstract, step=start_step)
-        print(f"Resumed from {workdir}/checkpoints at step {start_step}.", flush=True)
+        print(f"Resumed from {ckpt.directory} at step {start_step}.", flush=True)
     else:
         state, _ = init_train_state(model, config, tx, mesh, jax.random.PRNGKey(config.seed), image_size)
 
@@ -285,8 +289,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
     )
     writer = writer or MetricWriter(workdir, enabled=is_chief)
     progress = ProgressBar(total_steps, start_step, enabled=is_chief and config.progress_bar)
-    checkpoints.reset_stop()
-    checkpoints.install_signal_handlers()
+    # A stop requested before this point (e.g. by a signal during compilation) is honoured before
+    # the first step; the flag is cleared when train() returns.
+    installed_handlers = checkpoints.install_signal_handlers()
+    poller = checkpoints.StopPoller()
     profile = tuple(config.get("profile_steps", ()) or ())
     last_saved = start_step
 
@@ -299,37 +305,36 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
 
     history: list[dict] = []
     t_last, step_last = time.time(), start_step
-    # One step ahead: batch s+1 is pulled, assembled and sent to the devices right after step s is
-    # dispatched, while step s runs. The source iterator is consumed exactly as far as before
-    # (never past the last step, nor past a step where training stops).
-    batches = parallel.prefetch_to_mesh(train_iter_fn(start_step), mesh, size=1)
-    batch = next(batches) if start_step < total_steps else None
     step = start_step
     try:
+        if start_step < total_steps and poller.first():
+            print(f"Stopped by signal before step {start_step + 1}; nothing new to save.", flush=True)
+            return TrainResult(state, model, mesh, stopped=True)
+        # One step ahead: batch s+1 is pulled, assembled and sent to the devices right after step s
+        # is dispatched, while step s runs. The source iterator is consumed exactly as far as the
+        # steps that run (never past the last step, nor past a step where training stops).
+        batches = parallel.prefetch_to_mesh(train_iter_fn(start_step), mesh, size=1)
+        batch = next(batches) if start_step < total_steps else None
         for step in range(start_step + 1, total_steps + 1):
             if profile and step == profile[0]:
-                jax.profiler.start_trace(config.get("profile_dir") or os.path.join(workdir, "profile"))
+                jax.profiler.start_trace(config.get("profile_dir") or logging_utils.join(workdir, "profile"))
             state, metrics = step_fn(state, batch)  # asynchronous dispatch
             history.append(metrics)
-            log_step = step % config.log_every == 0 or step == total_steps
-            # The stop request is sampled before the next batch is pulled, as it was when batches
-            # were pulled at the top of the loop (a collective across processes: log steps only).
-            stop = log_step and checkpoints.should_stop()
+            # Every step: a signal stops training at the step running when it arrives (all
+            # processes agree on the step, see checkpoints.StopPoller), before the next batch.
+            stop = poller.poll()
             if step < total_steps and not stop:
                 batch = next(batches)
             if profile and step == profile[1]:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
-            if log_step:
+            ckpt.check()  # a background save that failed stops training here, not later
+            if stop or step % config.log_every == 0 or step == total_steps:
                 summary = _stack_mean(history)
+                first = step - len(history) + 1
                 history.clear()
                 if not np.isfinite(summary["loss"]) or int(jax.device_get(state.nonfinite)):
-                    raise TrainingDiverged(
-                        f"loss became NaN/Inf between steps {step - config.log_every + 1} and {step} "
-                        f"(mean loss {summary['loss']}); training stopped. The last good checkpoint "
-                        f"(step {last_saved}) in {workdir}/checkpoints is intact. Lower optim.lr, "
-                        "enable optim.grad_clip, or use precision=float32."
-                    )
+                    raise TrainingDiverged(_diverged_message(ckpt, first, step, summary["loss"]))
                 now = time.time()
                 summary["steps_per_sec"] = (step - step_last) / max(now - t_last, 1e-9)
                 summary["lr"] = float(lr_schedule(step - 1))
@@ -337,11 +342,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
                 t_last, step_last = now, step
                 writer.scalars(step, summary)
                 progress.update(step, summary)
-                if stop:
-                    save(step)
-                    ckpt.wait()
-                    print(f"\nStopped by signal at step {step}; checkpoint saved in {workdir}/checkpoints.", flush=True)
-                    return TrainResult(state, model, mesh, stopped=True)
+            if stop:
+                save(step)
+                ckpt.wait()
+                progress.close()
+                print(f"Stopped by signal at step {step}; checkpoint saved in {ckpt.directory}.", flush=True)
+                return TrainResult(state, model, mesh, stopped=True)
             if step % config.ckpt_every_steps == 0:
                 save(step)
             eval_every = int(config.get("eval_every_epochs", 0)) * steps_per_epoch
@@ -351,19 +357,49 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
             save(step)
         ckpt.wait()
     finally:
-        ckpt.close()
-        progress.close()
-        writer.flush()
-        checkpoints.restore_signal_handlers()
+        _quietly(ckpt.close, progress.close, writer.flush)
+        if installed_handlers:
+            checkpoints.restore_signal_handlers()
+        checkpoints.reset_stop()
     return TrainResult(state, model, mesh, stopped=False)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes config.json (and the readable repr) into the workdir, on the chief process only."""
+def _quietly(*closers: Callable[[], Any]) -> None:
+    """Runs every closer; while an exception propagates, their own errors do not replace it."""
+    import sys
+
+    propagating = sys.exc_info()[1] is not None
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # pylint: disable=broad-except
+            first = first or e
+    if first is not None and not propagating:
+        raise first
+
+
+def _diverged_message(ckpt: checkpoints.Checkpointer, first: int, last: int, loss: float) -> str:
+    """What happened and the true state of the checkpoints (after pending saves finish)."""
+    try:
+        ckpt.wait()
+    except checkpoints.CheckpointSaveError:
+        pass  # its step was removed; all_steps() below tells what is on disk
+    steps = ckpt.all_steps()
+    span = f"at step {last}" if first == last else f"between steps {first} and {last}"
+    if steps:
+        where = (f"The last good checkpoint is step {steps[-1]} in {ckpt.directory} (a diverged state "
+                 "is never saved); a rerun resumes from it.")
+    else:
+        where = f"No checkpoint was written ({ckpt.directory} is empty); a rerun starts from scratch."
+    return (f"loss became NaN/Inf {span} (mean loss {loss}); training stopped. {where} "
+            "Lower optim.lr, enable optim.grad_clip, or use precision=float32.")
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str, name: str = "config") -> None:
+    """Writes {name}.json (and the readable {name}.txt) into the workdir (any epath filesystem),
+    on the chief process only."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "config.txt"), "w") as f:
-        f.write(str(config))
+    logging_utils.write_text(logging_utils.join(workdir, f"{name}.json"), config.to_json_best_effort(indent=2))
+    logging_utils.write_text(logging_utils.join(workdir, f"{name}.txt"), str(config))
