@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -119,6 +120,25 @@ def _hold_back_orbax_errors() -> None:
     absl_logger = logging.getLogger("absl")
     if _ORBAX_ERRORS not in absl_logger.filters:
         absl_logger.addFilter(_ORBAX_ERRORS)
+    if not getattr(sys.unraisablehook, "_xmr_drops_closed_loop", False):
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _drop_closed_loop_callbacks(previous):
+    """After an async save fails, orbax's event loop is closed while tensorstore still completes
+    the other writes of that save; each completion's callback then raises 'Event loop is closed'
+    in a tensorstore thread (reported through sys.unraisablehook: a 6-line traceback per array,
+    hundreds for a model). Those, and only those, are dropped: the failure itself is reported once
+    as CheckpointSaveError."""
+
+    def hook(unraisable):
+        err = unraisable.exc_value
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._xmr_drops_closed_loop = True  # pylint: disable=protected-access
+    return hook
 
 
 def _key_name(k: Any) -> str:
