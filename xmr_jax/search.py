@@ -22,7 +22,12 @@ Index (one .npz file, written to exactly the given path; read with `load_index`)
 Query: captions are tokenized with IRRA's mask-variant CLIP tokenizer (context length from the
 model), encoded, and searched with `xmr_jax.retrieval.topk_search`: two-stage (global top
 `rerank_k`, reranked by s_g + s_l, SPEC 6) when the index holds tokens, else global cosine.
-Errors in user input exit with status 2 and a message naming the file or parameter.
+Printed per result: the rank, the score (s_g + s_l when reranked: it grows with the number of
+query words, so compare it only within one query), the global cosine (comparable across queries)
+and the path. A query longer than the context is cut: the CLI says how many tokens were kept.
+Empty queries are rejected. --index, --grid, --ground_truth and --queries_file may be gs:// (or
+any etils.epath) paths. Errors in user input exit with status 2 and a message naming the file or
+parameter.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -303,25 +309,30 @@ def build_index(model, params, image_paths: Sequence[str], image_root: str | Non
 
 
 def save_index(index: ImageIndex, path: str) -> str:
-    """Writes `index` as an (uncompressed) .npz at exactly `path`; returns path."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    """Writes `index` as an (uncompressed) .npz at exactly `path` (local or gs://...); returns path."""
+    from xmr_jax.logging_utils import as_path
+
+    target = as_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"global": index.global_features, "paths": np.asarray(index.paths, dtype=str),
               "meta": np.asarray(json.dumps(index.meta))}
     if index.tokens is not None:
         arrays.update(tokens=index.tokens, mask=index.mask)
-    with open(path, "wb") as fh:
+    with target.open("wb") as fh:
         np.savez(fh, **arrays)
     return path
 
 
 def load_index(path: str) -> ImageIndex:
-    """Reads an index written by `save_index` / `python -m xmr_jax.search index`."""
-    if not os.path.isfile(path):
+    """Reads an index written by `save_index` / `python -m xmr_jax.search index` (local or gs://)."""
+    from xmr_jax.logging_utils import as_path, is_uri
+
+    if not (as_path(path).is_file() if is_uri(path) else os.path.isfile(path)):
         raise FileNotFoundError(f"index file {path!r} does not exist (write one with "
                                 "`python -m xmr_jax.search index ... --index PATH`)")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        source = io.BytesIO(as_path(path).read_bytes()) if is_uri(path) else path
+        with np.load(source, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
         meta = json.loads(str(data["meta"]))
     except (OSError, ValueError, KeyError) as e:
@@ -356,7 +367,8 @@ def check_compatible(index: ImageIndex, enc: Encoders, allow_other_weights: bool
 @dataclasses.dataclass
 class SearchResult:
     """indices int32 [Q, k] into the index; scores float32 [Q, k] (s_g + s_l for reranked
-    items when two_stage, else cosine); paths: Q lists of k relative paths."""
+    items when two_stage, else cosine); paths: Q lists of k relative paths; cosine float32
+    [Q, k]: the global cosine of each result (comparable across queries, unlike s_g + s_l)."""
 
     texts: list[str]
     indices: np.ndarray
@@ -364,6 +376,23 @@ class SearchResult:
     paths: list[list[str]]
     two_stage: bool
     rerank_k: Optional[int]
+    cosine: Optional[np.ndarray] = None
+
+
+def query_token_counts(texts: Sequence[str], context_length: int) -> list[tuple[int, int]]:
+    """(word tokens of the caption, word tokens kept: at most context_length - 2) per query."""
+    from xmr_jax.tokenizer import default_tokenizer
+
+    tok = default_tokenizer(mask_token=True, context_length=context_length)
+    counts = [len(tok.bpe_ids(t)) for t in texts]
+    return [(n, min(n, context_length - 2)) for n in counts]
+
+
+def _check_queries(texts: Sequence[str]) -> None:
+    empty = [i + 1 for i, t in enumerate(texts) if not str(t).strip()]
+    if empty:
+        raise SearchError(f"query {empty[0]} of {len(texts)} is empty: give each --text (or line of "
+                          "--queries_file) some words")
 
 
 def encode_texts(enc: Encoders, texts: Sequence[str], batch_size: int = 64):
@@ -403,6 +432,7 @@ def search(index: ImageIndex, model, params, texts: Sequence[str], k: int = 10,
     texts = [str(t) for t in texts]
     if not texts:
         raise SearchError("no query texts given (use --text or --queries_file)")
+    _check_queries(texts)
     if check:
         check_compatible(index, enc)
     if two_stage is None:
@@ -431,7 +461,10 @@ def search(index: ImageIndex, model, params, texts: Sequence[str], k: int = 10,
         idx, scores = topk_search(q_glob, index.global_features, k)
     idx, scores = np.asarray(idx, np.int32), np.asarray(scores, np.float32)
     paths = [[index.paths[j] for j in row] for row in idx]
-    return SearchResult(texts, idx, scores, paths, bool(two_stage), rk)
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    gallery = unit(np.asarray(index.global_features, np.float32))
+    cosine = np.einsum("qd,qkd->qk", unit(np.asarray(q_glob, np.float32)), gallery[idx]).astype(np.float32)
+    return SearchResult(texts, idx, scores, paths, bool(two_stage), rk, cosine)
 
 
 # ----------------------------------------------------------------------------- grid
@@ -516,19 +549,24 @@ def render_grid(texts: Sequence[str], paths: Sequence[Sequence[str]], scores, im
                            outline=GREEN if hit else GREY, width=width)
             draw.text((bx0, by1 + layout.pad - 2), f"#{c + 1}  {float(scores[r][c]):.3f}", fill=(0, 0, 0), font=font)
     if out_path:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        canvas.save(out_path, format="PNG")
+        from xmr_jax.logging_utils import as_path
+
+        target = as_path(out_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as fh:
+            canvas.save(fh, format="PNG")
     return canvas, layout
 
 
 def read_ground_truth(path: str, texts: Sequence[str]) -> list[list[str]]:
     """gt json: {query_text: [relative paths]} or a list (one entry per query, in order) of path
     lists (a bare string counts as one path) -> Q lists of relative paths."""
-    if not os.path.isfile(path):
+    from xmr_jax.logging_utils import as_path
+
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"--ground_truth {path!r} does not exist")
     try:
-        with open(path) as fh:
-            data = json.load(fh)
+        data = json.loads(as_path(path).read_text())
     except json.JSONDecodeError as e:
         raise SearchError(f"--ground_truth {path!r} is not valid JSON: {e}") from e
     as_list = lambda v, where: ([v] if isinstance(v, str) else
@@ -625,12 +663,16 @@ def _cmd_index(args, log) -> int:
 
 
 def _read_queries(args) -> list[str]:
-    texts = list(args.text)
+    from xmr_jax.logging_utils import as_path
+
+    empty = [i + 1 for i, t in enumerate(args.text) if not t.strip()]
+    if empty:
+        raise SearchError(f"--text #{empty[0]} is empty: a query needs some words")
+    texts = [t.strip() for t in args.text]
     if args.queries_file:
-        if not os.path.isfile(args.queries_file):
+        if not as_path(args.queries_file).is_file():
             raise FileNotFoundError(f"--queries_file {args.queries_file!r} does not exist")
-        with open(args.queries_file) as fh:
-            texts += [line.strip() for line in fh if line.strip()]
+        texts += [line.strip() for line in as_path(args.queries_file).read_text().splitlines() if line.strip()]
     if not texts:
         raise SearchError("no queries: give --text (repeatable) or --queries_file")
     return texts
@@ -650,14 +692,28 @@ def _cmd_query(args, log) -> int:
     image_root = args.images or index.image_root
     truth = read_ground_truth(args.ground_truth, texts) if args.ground_truth else None
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",)) if args.shard_gallery else None
+    counts = query_token_counts(texts, enc.context_length)
+    wordless = [q + 1 for q, (total, _) in enumerate(counts) if total == 0]
+    if wordless:
+        raise SearchError(f"query {wordless[0]} ({texts[wordless[0] - 1]!r}) has no words the tokenizer keeps")
     res = search(index, enc, None, texts, k=args.k, rerank_k=args.rerank_k, two_stage=args.two_stage,
                  check=False, mesh=mesh)
     mode = f"two-stage (rerank top {min(res.rerank_k, len(index))} by s_g + s_l)" if res.two_stage else "global cosine"
+    for q, (total, kept) in enumerate(counts):
+        if kept < total:
+            log(f"[query] query {q + 1}: {total} tokens, only the first {kept} were used (context length "
+                f"{enc.context_length} incl. start/end); the rest of the query was ignored")
+    if res.two_stage:
+        print("columns: rank, score (s_g + s_l: grows with the query's length, compare within a query), "
+              "global cosine (comparable across queries), path")
     for q, text in enumerate(texts):
-        print(f'query {q + 1}: "{text}"  [{mode}, {len(index)} images]')
+        total, kept = counts[q]
+        cut = f", cut to {kept} of {total} tokens" if kept < total else ""
+        print(f'query {q + 1}: "{text}"  [{mode}, {len(index)} images{cut}]')
         for r, (path, score) in enumerate(zip(res.paths[q], res.scores[q])):
             hit = "  *" if truth is not None and os.path.normpath(path) in {os.path.normpath(p) for p in truth[q]} else ""
-            print(f"  {r + 1:3d}  {score:8.4f}  {path}{hit}")
+            cosine = f"  {res.cosine[q][r]:7.4f}" if res.two_stage else ""
+            print(f"  {r + 1:3d}  {score:8.4f}{cosine}  {path}{hit}")
     if args.grid:
         render_grid(texts, res.paths, res.scores, image_root, args.grid, truth, (args.thumb, args.thumb))
         print(f"[query] grid -> {args.grid}")

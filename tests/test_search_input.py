@@ -1,0 +1,81 @@
+"""xmr_jax.search input and output: empty queries rejected, truncation reported, a score comparable
+across queries printed beside the rerank score, and index / grid / ground truth on gs:// paths."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests import fake_gcs
+from tests.test_search import CLIP_CFG, FILES, _write, init_clip_params
+from xmr_jax import search as S
+from xmr_jax.models.clip import clip_from_config
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from xmr_jax.convert import save_converted
+
+    root = tmp_path_factory.mktemp("search_input")
+    model = clip_from_config(CLIP_CFG)
+    params = init_clip_params(model, jax.random.key(3))
+    save_converted(model, params, str(root / "ckpt"))
+    for i, (name, size) in enumerate(list(FILES.items())[:4]):
+        _write(root / "images" / name, size, seed=i)
+    assert S.main(["index", "--checkpoint", str(root / "ckpt"), "--images", str(root / "images"),
+                   "--index", str(root / "g.npz")]) == 0
+    return {"root": root, "model": model, "params": params, "index": S.load_index(str(root / "g.npz")),
+            "args": ["query", "--checkpoint", str(root / "ckpt"), "--index", str(root / "g.npz")]}
+
+
+def test_empty_queries_are_rejected(small, capsys):
+    capsys.readouterr()
+    assert S.main([*small["args"], "--text", "a red coat", "--text", "   "]) == 2
+    assert "--text #2 is empty" in capsys.readouterr().err
+    with pytest.raises(S.SearchError, match="query 2 of 2 is empty"):
+        S.search(small["index"], small["model"], small["params"], ["a red coat", ""], k=2)
+
+
+def test_truncation_is_reported_and_cosine_is_comparable(small, capsys):
+    long_query = " ".join(["a woman in a long red coat with a black bag"] * 50)  # 500 words
+    short_query = "a red coat"
+    capsys.readouterr()
+    assert S.main([*small["args"], "--text", short_query, "--text", long_query, "--k", "3"]) == 0
+    captured = capsys.readouterr()
+    # context_length 16: SOT + 14 word tokens + EOT
+    assert "[query] query 2: 550 tokens, only the first 14 were used" in captured.err
+    assert "query 1:" not in captured.err  # the short one is not cut
+    assert "cut to 14 of 550 tokens" in captured.out
+    rows = [line.split() for line in captured.out.splitlines() if line.startswith("  ")]
+    assert len(rows) == 6 and all(len(r) == 4 for r in rows)  # rank, score, cosine, path
+    res = S.search(small["index"], small["model"], small["params"], [short_query, long_query], k=3)
+    assert res.two_stage
+    np.testing.assert_allclose([float(r[2]) for r in rows], res.cosine.reshape(-1), atol=1e-4)
+    # The cosine is the global cosine of each result, bounded whatever the query length.
+    from tests.test_search import _normalize, _text_features
+
+    qg, _, _ = _text_features(small["model"], small["params"], [short_query, long_query])
+    want = np.take_along_axis(_normalize(qg) @ _normalize(small["index"].global_features).T, res.indices, 1)
+    np.testing.assert_allclose(res.cosine, want, atol=1e-5)
+    assert np.all(np.abs(res.cosine) <= 1.0 + 1e-6)
+
+
+def test_index_grid_and_ground_truth_on_gcs(small, tmp_path, monkeypatch, capsys):
+    root = fake_gcs.fake_gcs(tmp_path / "gcs", monkeypatch)
+    try:
+        monkeypatch.chdir(tmp_path)
+        S.save_index(small["index"], "gs://bucket/idx/g.npz")
+        again = S.load_index("gs://bucket/idx/g.npz")
+        np.testing.assert_array_equal(again.global_features, small["index"].global_features)
+        (tmp_path / "gcs" / "bucket" / "gt.json").write_text(json.dumps({"a red coat": [again.paths[0]]}))
+        capsys.readouterr()
+        assert S.main(["query", "--checkpoint", str(small["root"] / "ckpt"), "--index", "gs://bucket/idx/g.npz",
+                       "--text", "a red coat", "--k", "2", "--ground_truth", "gs://bucket/gt.json",
+                       "--grid", "gs://bucket/out/grid.png"]) == 0
+        assert (tmp_path / "gcs" / "bucket" / "out" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+        assert not (tmp_path / "gs:").exists()
+        assert root
+    finally:
+        fake_gcs.unregister()
