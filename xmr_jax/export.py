@@ -162,8 +162,11 @@ def export_jax(model, params, out_dir: str, image_shape: Sequence[int] | None = 
     Returns:
         the metadata dict also written to `out_dir/jax_export.json`.
     """
+    from xmr_jax.logging_utils import as_path
+
     image_shape = _resolve_image_shape(model, image_shape)
-    os.makedirs(out_dir, exist_ok=True)
+    out = as_path(out_dir)  # local or gs:// (etils.epath)
+    out.mkdir(parents=True, exist_ok=True)
     fns = encoder_fns(model)
     specs = _input_specs(model, image_shape)
     params_spec = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), p.dtype), params)
@@ -182,8 +185,7 @@ def export_jax(model, params, out_dir: str, image_shape: Sequence[int] | None = 
         else:  # params closed over: baked into the StableHLO as constants
             bound = jax.jit(lambda x, fn=fn: fn(params, x))
             exported = jax.export.export(bound, platforms=platforms)(specs[method])
-        with open(os.path.join(out_dir, filename), "wb") as f:
-            f.write(exported.serialize())
+        (out / filename).write_bytes(bytes(exported.serialize()))
         out_tree = jax.tree.unflatten(exported.out_tree, list(exported.out_avals))
         meta[method] = {
             "file": filename,
@@ -195,20 +197,19 @@ def export_jax(model, params, out_dir: str, image_shape: Sequence[int] | None = 
         }
     if params_as_argument:
         from flax import serialization
-        with open(os.path.join(out_dir, PARAMS_FILE), "wb") as f:
-            f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
+        (out / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
         meta["params_file"] = PARAMS_FILE
-    with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
 
 
 def load_exported(path: str) -> jax.export.Exported:
     """Deserializes one `*.jax_exported` file; call it with `exported.call(x)` (or `(params, x)`)."""
-    if not os.path.isfile(path):
+    from xmr_jax.logging_utils import as_path
+
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"no jax.export artifact at {path!r} (expected e.g. {IMAGE_FILE})")
-    with open(path, "rb") as f:
-        return jax.export.deserialize(bytearray(f.read()))
+    return jax.export.deserialize(bytearray(as_path(path).read_bytes()))
 
 
 def load_exported_encoders(out_dir: str) -> tuple[Callable, Callable, dict[str, Any]]:
@@ -216,17 +217,17 @@ def load_exported_encoders(out_dir: str) -> tuple[Callable, Callable, dict[str, 
 
     When the artifacts take params as an argument, `params.msgpack` is loaded and bound.
     """
-    meta_path = os.path.join(out_dir, META_FILE)
-    if not os.path.isfile(meta_path):
+    from xmr_jax.logging_utils import as_path
+
+    folder = as_path(out_dir)
+    if not (folder / META_FILE).is_file():
         raise FileNotFoundError(f"{out_dir!r} is not a jax export folder: {META_FILE} is missing")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    image = load_exported(os.path.join(out_dir, meta["encode_image"]["file"]))
-    text = load_exported(os.path.join(out_dir, meta["encode_text"]["file"]))
+    meta = json.loads((folder / META_FILE).read_text())
+    image = load_exported(str(folder / meta["encode_image"]["file"]))
+    text = load_exported(str(folder / meta["encode_text"]["file"]))
     if meta["params"] == "argument":
         from flax import serialization
-        with open(os.path.join(out_dir, meta["params_file"]), "rb") as f:
-            params = serialization.msgpack_restore(f.read())
+        params = serialization.msgpack_restore((folder / meta["params_file"]).read_bytes())
         return (lambda x: image.call(params, x)), (lambda x: text.call(params, x)), meta
     return image.call, text.call, meta
 
@@ -303,16 +304,20 @@ def _find_clip_params(tree: Any, where: str) -> Mapping[str, Any]:
 
 
 def _step_dirs(folder: str) -> list[str]:
-    return sorted((d for d in os.listdir(folder)
-                   if d.isdigit() and os.path.isdir(os.path.join(folder, d))), key=int)
+    from xmr_jax.logging_utils import as_path
+
+    return sorted((d.name for d in as_path(folder).iterdir() if d.name.isdigit() and d.is_dir()), key=int)
 
 
 def _restore_numpy(path: str) -> Any:
     """Restores an orbax PyTree checkpoint folder as a tree of host numpy arrays (no shardings, so
     a checkpoint written on any mesh/device count loads on one CPU)."""
     import orbax.checkpoint as ocp
-    path = os.path.abspath(path)
-    with ocp.PyTreeCheckpointer() as ckptr:
+
+    from xmr_jax.checkpoints import item_reader_quiet
+    from xmr_jax.logging_utils import path_str
+    path = path_str(path)
+    with ocp.PyTreeCheckpointer() as ckptr, item_reader_quiet():
         meta = ckptr.metadata(path)
         meta = getattr(meta, "item_metadata", meta)
         meta = getattr(meta, "tree", meta)
@@ -323,7 +328,9 @@ def _restore_numpy(path: str) -> Any:
 
 def is_training_workdir(path: str) -> bool:
     """True for a training workdir (`<path>/checkpoints/<step>/state`, xmr_jax.checkpoints)."""
-    return os.path.isdir(os.path.join(path, "checkpoints"))
+    from xmr_jax.logging_utils import as_path
+
+    return (as_path(path) / "checkpoints").is_dir()
 
 
 def load_params_for_export(path: str, step: int | None = None) -> Mapping[str, Any]:
@@ -341,20 +348,22 @@ def load_params_for_export(path: str, step: int | None = None) -> Mapping[str, A
     Returns:
       {"visual": ..., "text": ...} float32 numpy params for `xmr_jax.models.clip.CLIP`.
     """
-    if not os.path.isdir(path):
+    from xmr_jax.logging_utils import as_path
+
+    if not as_path(path).is_dir():
         raise FileNotFoundError(f"training workdir {path!r} does not exist")
-    root = os.path.join(path, "checkpoints") if is_training_workdir(path) else path
-    if os.path.isdir(os.path.join(root, "state")):  # a step folder itself
+    root = as_path(path) / "checkpoints" if is_training_workdir(path) else as_path(path)
+    if (root / "state").is_dir():  # a step folder itself
         step_dir = root
     else:
-        steps = _step_dirs(root)
+        steps = _step_dirs(str(root))
         if not steps:
             raise FileNotFoundError(f"{root}: no checkpoint step folders (expected <step>/state)")
         if step is not None and str(step) not in steps:
             raise FileNotFoundError(f"{root}: no checkpoint for step {step}; saved steps: {steps}")
-        step_dir = os.path.join(root, str(step) if step is not None else steps[-1])
-    state_dir = os.path.join(step_dir, "state")
-    if not os.path.isdir(state_dir):
+        step_dir = root / (str(step) if step is not None else steps[-1])
+    state_dir = str(step_dir / "state")
+    if not as_path(state_dir).is_dir():
         raise FileNotFoundError(f"{step_dir}: no 'state' item (written by xmr_jax.checkpoints)")
     state = _restore_numpy(state_dir)
     params = state.get("params", state) if isinstance(state, Mapping) else state
@@ -371,12 +380,14 @@ def load_for_export(checkpoint: str, config_spec: str | None = None):
     config_spec: `configs/x.py[:args]`; its `model.clip` builds the model for a workdir.
     The model computes in float32 (the training precision is not applied to the export).
     """
-    if not os.path.exists(checkpoint):
+    from xmr_jax.logging_utils import as_path
+
+    if not as_path(checkpoint).exists():
         raise FileNotFoundError(
             f"--checkpoint {checkpoint!r} does not exist (expected a training workdir, a folder "
             "written by `python -m xmr_jax.convert`, a HF CLIPModel folder or an OpenAI CLIP file)")
-    if os.path.isdir(checkpoint) and (is_training_workdir(checkpoint)
-                                      or os.path.isdir(os.path.join(checkpoint, "state"))):
+    if as_path(checkpoint).is_dir() and (is_training_workdir(checkpoint)
+                                         or (as_path(checkpoint) / "state").is_dir()):
         params = load_params_for_export(checkpoint)
         model = build_model(config_spec, checkpoint)
         return model, params
@@ -412,13 +423,14 @@ def build_model(config_spec: str | None, workdir: str):
             raise ExportError(f"--config {config_spec!r} has no model.clip section")
         clip_cfg, where = config.model.clip, f"--config {config_spec}"
     else:
-        cfg_json = os.path.join(workdir, "config.json")
-        if not os.path.isfile(cfg_json):
+        from xmr_jax.logging_utils import as_path
+
+        cfg_json = str(as_path(workdir) / "config.json")
+        if not as_path(cfg_json).is_file():
             raise ExportError(
                 f"cannot tell which model {workdir!r} holds: it has no config.json; pass --config "
                 "(the configs/*.py file it was trained with)")
-        with open(cfg_json) as f:
-            cfg = json.load(f)
+        cfg = json.loads(as_path(cfg_json).read_text())
         try:
             clip_cfg, where = cfg["model"]["clip"], cfg_json
         except (KeyError, TypeError) as e:
@@ -460,17 +472,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     platforms = tuple(s.strip() for s in args.platforms.split(",") if s.strip()) or None
     model, params = load_for_export(args.checkpoint, args.config)
     image_shape = _resolve_image_shape(model, None)
-    os.makedirs(args.out, exist_ok=True)
+    from xmr_jax.logging_utils import as_path, is_uri
+
+    if "hf" in formats and is_uri(args.out):
+        raise ExportError(f"--out {args.out!r}: the hf format is written with transformers' save_pretrained, "
+                          "local folders only; export hf to a local folder and copy it")
+    out = as_path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         if fmt == "jax":
-            export_jax(model, params, os.path.join(args.out, "jax"), image_shape, platforms=platforms,
+            export_jax(model, params, str(out / "jax"), image_shape, platforms=platforms,
                        params_as_argument=args.params_as_argument)
         elif fmt == "savedmodel":
-            export_saved_model(model, params, os.path.join(args.out, SAVED_MODEL_DIR), image_shape,
+            export_saved_model(model, params, str(out / SAVED_MODEL_DIR), image_shape,
                                platforms=platforms)
         else:
-            to_hf_clip(model, params, os.path.join(args.out, HF_DIR))
-        print(f"[export] wrote {fmt} -> {os.path.join(args.out, _FORMAT_DIRS[fmt])}")
+            to_hf_clip(model, params, str(out / HF_DIR))
+        print(f"[export] wrote {fmt} -> {out / _FORMAT_DIRS[fmt]}")
     return 0
 
 

@@ -1,9 +1,9 @@
 """Files and progress: the path layer, TensorBoard scalars, a JSON-lines metrics log, a progress bar.
 
-Path layer: every file the project reads or writes goes through `etils.epath` (`as_path`), the
-library orbax already uses, so a workdir, checkpoint, export or search index may live on local
-disk, `gs://bucket/...` or any filesystem epath has registered (local paths use the OS directly;
-`gs://` uses tf.io.gfile when TensorFlow is installed, else fsspec/gcsfs). Never `open()` a path
+Path layer: every file the project reads or writes goes through `as_path`: `etils.epath` (the
+library orbax already uses) for URIs, so a workdir, checkpoint, export or search index may live on
+local disk, `gs://bucket/...` or any filesystem epath has registered (`gs://` uses tf.io.gfile
+when TensorFlow is installed, else fsspec/gcsfs); pathlib for local paths. Never `open()` a path
 that may be a URI: `open("gs://b/x")` silently writes to ./gs:/b/x on local disk.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import pathlib
 import re
+import shutil
 import threading
 import time
 from typing import Any, Mapping
@@ -27,12 +29,22 @@ def is_uri(path: Any) -> bool:
 
 
 def as_path(path: Any):
-    """`etils.epath.Path` of a local path (made absolute) or a URI (kept as given)."""
-    from etils import epath
-
+    """A pathlib-like object: `LocalPath` (pathlib, made absolute) for local paths, an
+    `etils.epath.Path` for URIs. Both have exists/is_dir/iterdir/mkdir/open/read_*/write_*/rmtree."""
     if is_uri(path):
+        from etils import epath
+
         return epath.Path(path)
-    return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    return LocalPath(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+class LocalPath(type(pathlib.Path())):
+    """pathlib.Path with epath's `rmtree` (local paths never touch epath's backend lookup)."""
+
+    def rmtree(self, missing_ok: bool = False) -> None:
+        if missing_ok and not self.exists():
+            return
+        shutil.rmtree(self)
 
 
 def path_str(path: Any) -> str:

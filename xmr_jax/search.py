@@ -184,9 +184,10 @@ def model_encoders(model, params, source: str | None = None) -> Encoders:
 def exported_encoders(folder: str) -> Encoders:
     """Encoders from a `python -m xmr_jax.export --formats jax` folder (the `jax/` sub-folder)."""
     from xmr_jax.export import META_FILE, load_exported_encoders
+    from xmr_jax.logging_utils import as_path, path_str
 
-    if os.path.isdir(os.path.join(folder, "jax")) and not os.path.isfile(os.path.join(folder, META_FILE)):
-        folder = os.path.join(folder, "jax")
+    if (as_path(folder) / "jax").is_dir() and not (as_path(folder) / META_FILE).is_file():
+        folder = str(as_path(folder) / "jax")
     enc_img, enc_txt, meta = load_exported_encoders(folder)
     fields = meta.get("model", {})
     try:
@@ -195,9 +196,9 @@ def exported_encoders(folder: str) -> Encoders:
         embed_dim = int(meta["encode_image"]["outputs"]["global"]["shape"][1])
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise SearchError(f"{folder}: jax_export.json lacks the encoder input/output shapes ({e})") from e
-    with open(os.path.join(folder, meta["encode_image"]["file"]), "rb") as fh:
-        digest = hashlib.blake2b(fh.read(), digest_size=12).hexdigest()
-    desc = {"kind": "jax.export", "source": os.path.abspath(folder), "fields": fields,
+    digest = hashlib.blake2b((as_path(folder) / meta["encode_image"]["file"]).read_bytes(),
+                             digest_size=12).hexdigest()
+    desc = {"kind": "jax.export", "source": path_str(folder), "fields": fields,
             "embed_dim": embed_dim, "image_size": list(image_size), "fingerprint": "exported:" + digest}
     img_fn, txt_fn = jax.jit(enc_img), jax.jit(enc_txt)
     return Encoders(lambda x: _as_triple(img_fn(x)), lambda x: _as_triple(txt_fn(x)),
@@ -640,8 +641,10 @@ def _load_encoders(args) -> Encoders:
         return exported_encoders(args.exported)
     from xmr_jax.export import load_for_export
 
+    from xmr_jax.logging_utils import path_str
+
     model, params = load_for_export(args.checkpoint, args.config)
-    return model_encoders(model, params, source=os.path.abspath(args.checkpoint))
+    return model_encoders(model, params, source=path_str(args.checkpoint))
 
 
 def _cmd_index(args, log) -> int:
