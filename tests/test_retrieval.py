@@ -249,14 +249,16 @@ def _cand_case(seed, n_q=7, n_g=9, k=5, l_img=6, l_txt=5, d=8):
     return img, im, txt, tm, cand
 
 
-@pytest.mark.parametrize("segment,per_step,cpu", [(None, None, True), (1, 1, True), (2, 3, True),
-                                                  (4, 2, False), (3, None, False)])
-def test_text_candidates_kernel_equals_gathered(monkeypatch, segment, per_step, cpu):
+@pytest.mark.parametrize("rows,per_step,cpu", [(None, None, True), (1, 1, True), (3, 3, True),
+                                               (7, 2, False), (5, None, False)])
+def test_text_candidates_kernel_equals_gathered(monkeypatch, rows, per_step, cpu):
     monkeypatch.setattr(similarity, "_on_cpu", lambda: cpu)   # the accelerator (batched) path too
     img, im, txt, tm, cand = _cand_case(9)
+    tm[2] = [False, True, False, True, True]                 # holes: words packed, not a window
     want = similarity.local_similarity_candidates(txt, tm, img[cand], im[cand], "text", 7.0)
     got = similarity.local_similarity_text_candidates(txt, tm, img, im, cand, 7.0,
-                                                      segment=segment, segments_per_step=per_step)
+                                                      segment_rows=rows,
+                                                      segments_per_step=per_step)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(got)[1] == 0) and np.all(np.asarray(got)[cand == 0] == 0)
 

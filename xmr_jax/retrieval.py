@@ -307,8 +307,10 @@ def _auto_chunk(mode, modality, n_query, n_dev, n_gallery_local, k_loc, l_query,
                 itemsize, budget=DEFAULT_CHUNK_BYTES):
     """Queries per device per step so that one step (n_dev * chunk queries) fits ``budget``."""
     per_query = 3 * 4 * n_gallery_local                          # s_g, keys, rows
+    if n_dev > 1:                                                 # all-gathered query features
+        per_query += l_query * dim * itemsize + 4 * dim
     if mode == "two_stage" and modality == "text":
-        per_query += 32 * k_loc                                   # pair bookkeeping (segments)
+        per_query += k_loc * (32 + 12 * l_query)                 # pair / packed-word tables
     elif mode == "two_stage":
         per_query += 16 * k_loc                                   # candidates + scores
         if jax.default_backend() != "cpu":                        # batched over the chunk
@@ -392,10 +394,12 @@ def _run_search(mode, query_global, query_tokens, query_mask, gallery_global, ga
     if query_chunk is None:
         l_q = 0 if query_tokens is None else query_tokens.shape[1]
         l_c = 0 if gallery_tokens is None else gallery_tokens.shape[1]
-        d = 0 if gallery_tokens is None else gallery_tokens.shape[2]
+        d = (query_global if query_tokens is None else query_tokens).shape[-1]
         query_chunk = _auto_chunk(mode, modality, n_q_loc, n_dev, n_loc, min(k, n_loc), l_q, l_c, d,
                                   jnp.dtype(dtype).itemsize)
     query_chunk = max(1, min(int(query_chunk), max(n_q_loc, 1)))
+    if n_q_loc:                                                   # equal steps: least padding
+        query_chunk = -(-n_q_loc // -(-n_q_loc // query_chunk))
     out = _search_jit(query_global, query_tokens, query_mask, gallery_global, gallery_tokens,
                       gallery_mask, g_valid, jnp.asarray(local_scale, jnp.float32), mode=mode,
                       k=k, modality=modality, chunk=query_chunk, mesh=mesh,

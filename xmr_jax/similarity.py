@@ -297,13 +297,14 @@ def local_similarity_candidates(query_tokens: jax.Array, query_mask: jax.Array,
     return _reduce_tokens(cos, query_mask[:, None, None, :], candidate_mask, -1, scale)
 
 
-def _segment_size(n_pairs: int, n_images: int) -> int:
-    """Texts per image segment: large matmuls, little padding (<= 1/4 of the mean group)."""
-    mean = n_pairs / max(n_images, 1)
-    for size in (64, 32, 16):
-        if mean >= 4 * size:
-            return size
-    return 8
+def _segment_rows(n_rows_bound: int, n_images: int) -> int:
+    """Word rows per image segment: large matmuls (up to 1024 rows), little padding (the last
+    segment of each image is partly empty: at most 1/4 of the mean rows per image)."""
+    mean = n_rows_bound / max(n_images, 1)
+    for rows in (1024, 512, 256, 128, 64, 32):
+        if mean >= 4 * rows:
+            return rows
+    return 16
 
 
 def _on_cpu() -> bool:
@@ -311,13 +312,15 @@ def _on_cpu() -> bool:
 
 
 def _per_step(requested: Optional[int], accelerator_default: int) -> int:
-    """Independent matmuls per loop step: on CPU one per core (at most 8), each a plain
-    matmul that XLA:CPU runs on its own thread (a batched dot_general runs well below the
-    plain-matmul rate there and a single small matmul on one thread); batched on accelerators."""
+    """Independent matmuls per loop step. On CPU one per two cores (at most 8), each a plain
+    matmul chain that XLA:CPU runs on its own thread (a batched dot_general runs well below the
+    plain-matmul rate there, and one such matmul uses one thread; on a 2-core machine a second
+    concurrent chain measured no faster, as both compete for memory bandwidth). Batched on
+    accelerators."""
     if requested:
         return max(1, int(requested))
     if _on_cpu():
-        return max(1, min(os.cpu_count() or 1, 8))
+        return max(1, min((os.cpu_count() or 1) // 2, 8))
     return accelerator_default
 
 
@@ -358,7 +361,7 @@ def local_similarity_text_candidates(text_tokens: jax.Array, text_mask: jax.Arra
                                      image_tokens: jax.Array, image_mask: jax.Array,
                                      candidates: jax.Array, scale: float = 10.0,
                                      compute_dtype=None, precision=None, normalized: bool = False,
-                                     segment: Optional[int] = None,
+                                     segment_rows: Optional[int] = None,
                                      segments_per_step: Optional[int] = None) -> jax.Array:
     """Each text against its own candidate images, given as indices -> float32 [N_txt, K].
 
@@ -366,58 +369,97 @@ def local_similarity_text_candidates(text_tokens: jax.Array, text_mask: jax.Arra
       text_tokens [N_txt, L_txt, D] / text_mask [N_txt, L_txt]: the texts (e.g. t2i queries).
       image_tokens [N_img, L_img, D] / image_mask [N_img, L_img]: the image set (gallery).
       candidates: int [N_txt, K], indices into the image set (K candidates per text).
-      segment: texts per matmul (default: from the mean number of texts per image).
-      segments_per_step: segments per loop step (default: one per CPU core, 32 on accelerators).
+      segment_rows: word rows per matmul (default: from the number of pairs per image).
+      segments_per_step: segments per loop step (default: one per two CPU cores, 32 on
+        accelerators).
 
-    Same values as :func:`local_similarity_candidates` on gathered images, computed image-major:
-    the (text, image) pairs are sorted by image and scored in segments of ``segment`` texts of
-    one image, one [segment * L_txt, D] x [D, L_img] matmul each (max over the contiguous image
-    axis). Only the texts' words are gathered (the smaller side), never the candidates' image
-    tokens, and the matmuls are large; memory stays O(segment * L_txt * D) per segment whatever
-    N_txt * K.
+    Same values as :func:`local_similarity_candidates` on gathered images, computed image-major
+    and on real words only: the (text, image) pairs are sorted by image, the VALID words of an
+    image's pairs are packed one after the other, and each segment of ``segment_rows`` packed
+    words is one [segment_rows, D] x [D, L_img] matmul against that image (max over the
+    contiguous image axis), the per-word maxima summed into their pairs (a pair may span two
+    segments). No multiply-add is spent on masked words, only the words are gathered (never the
+    candidates' image tokens), and memory stays O(segment_rows * D) per segment.
     """
     _check_tokens(text_tokens, text_mask, "text")
     _check_tokens(image_tokens, image_mask, "image")
     n_txt, k = candidates.shape
     n_img = image_tokens.shape[0]
+    l_txt, d = text_tokens.shape[1:]
     dtype = _compute_dtype(compute_dtype, text_tokens, image_tokens)
     prec = _precision(precision, dtype)
-    txt = _normalize_tokens(text_tokens, dtype, normalized)
+    txt = _normalize_tokens(text_tokens, dtype, normalized).reshape(n_txt * l_txt, d)
     img = _normalize_tokens(image_tokens, dtype, normalized)
     txm, imm = text_mask.astype(bool), image_mask.astype(bool)
     n_pairs = n_txt * k
     if n_pairs == 0:
         return jnp.zeros((n_txt, k), jnp.float32)
-    size = int(segment) if segment else _segment_size(n_pairs, n_img)
+    rows = int(segment_rows) if segment_rows else _segment_rows(n_pairs * l_txt, n_img)
     per_step = _per_step(segments_per_step, 32)
+    # Valid word positions of each text, valid ones first; words per text.
+    word_pos = jnp.argsort(~txm, axis=1, stable=True).astype(jnp.int32)     # [N_txt, L_txt]
+    n_words = jnp.sum(txm, axis=1, dtype=jnp.int32)
+    # Pairs grouped by image; their words packed in that order.
     pair_img = candidates.reshape(n_pairs).astype(jnp.int32)
-    order = jnp.argsort(pair_img, stable=True).astype(jnp.int32)   # pairs grouped by image
-    pair_txt = jnp.pad(order // k, (0, size))                       # text of each sorted pair
-    counts = jnp.zeros((n_img,), jnp.int32).at[pair_img].add(1)
-    start = jnp.cumsum(counts) - counts                             # first sorted pair of image
-    n_seg = (counts + size - 1) // size
+    order = jnp.argsort(pair_img, stable=True).astype(jnp.int32)
+    pair_txt = order // k                                            # text of each sorted pair
+    pair_end = jnp.cumsum(n_words[pair_txt])                         # packed word end per pair
+    img_pairs = jnp.zeros((n_img,), jnp.int32).at[pair_img].add(1)
+    img_pair_end = jnp.cumsum(img_pairs)
+    img_end = jnp.where(img_pair_end > 0, pair_end[jnp.maximum(img_pair_end - 1, 0)], 0)
+    img_start = jnp.concatenate([jnp.zeros((1,), img_end.dtype), img_end[:-1]])
+    n_seg = (img_end - img_start + rows - 1) // rows
     seg_end = jnp.cumsum(n_seg)
-    bound = -(-(n_pairs // size + n_img) // per_step) * per_step    # static bound on segments
+    bound = -(-(n_pairs * l_txt // rows + n_img) // per_step) * per_step   # static bound
     seg = jnp.arange(bound, dtype=jnp.int32)
     seg_img = jnp.minimum(jnp.searchsorted(seg_end, seg, side="right"), n_img - 1)
-    seg_pos = start[seg_img] + (seg - (seg_end[seg_img] - n_seg[seg_img])) * size
-    seg_len = jnp.where(seg < seg_end[-1],
-                        jnp.clip(start[seg_img] + counts[seg_img] - seg_pos, 0, size), 0)
-    slot = jnp.arange(size, dtype=jnp.int32)
+    seg_pos = img_start[seg_img] + (seg - (seg_end[seg_img] - n_seg[seg_img])) * rows
+    seg_stop = jnp.where(seg < seg_end[-1], img_end[seg_img], 0)
+    offsets = jnp.arange(rows, dtype=jnp.int32)
+    # Every packed word row, computed once (2 x N_txt * K * L_txt int32): its sorted pair and
+    # its row in the flattened text tokens.
+    n_rows = n_pairs * l_txt
+    row_pair = jnp.repeat(jnp.arange(n_pairs, dtype=jnp.int32), n_words[pair_txt],
+                          total_repeat_length=n_rows)
+    row_txt = pair_txt[row_pair]
+    row_word = jnp.clip(jnp.arange(n_rows, dtype=jnp.int32)
+                        - (pair_end - n_words[pair_txt])[row_pair], 0, l_txt - 1)
+    row_src = jnp.pad(row_txt * l_txt + word_pos[row_txt, row_word], (0, rows))
+    row_pair = jnp.pad(row_pair, (0, rows))
+    any_img = jnp.any(imm, axis=1)
     scale = jnp.asarray(scale, jnp.float32)
 
     def body(step, out):
         ids = step * per_step + jnp.arange(per_step, dtype=jnp.int32)
-        im, pos, n = seg_img[ids], seg_pos[ids], seg_len[ids]
-        rows = pair_txt[pos[:, None] + slot]                                   # [B, size]
-        s_l = _words_vs_images(txt, txm, rows, jnp.take(img, im, axis=0, mode="clip"),
-                               jnp.take(imm, im, axis=0, mode="clip"), scale, prec)
-        target = jnp.where(slot < n[:, None], pos[:, None] + slot, n_pairs)    # past: dropped
-        return out.at[target].set(s_l, mode="drop")
+        im = seg_img[ids]
+        p = seg_pos[ids][:, None] + offsets                                   # [B, rows]
+        valid = p < seg_stop[ids][:, None]
+        pair, src = row_pair[p], row_src[p]
+        best = _rows_vs_images(txt, src, jnp.take(img, im, axis=0, mode="clip"),
+                               jnp.take(imm, im, axis=0, mode="clip"), prec)  # [B, rows]
+        best = jnp.where(valid & any_img[im][:, None], best, 0.0)
+        return out.at[jnp.where(valid, pair, n_pairs)].add(scale * best, mode="drop")
 
     steps = (seg_end[-1] + per_step - 1) // per_step
     out = jax.lax.fori_loop(0, steps, body, jnp.zeros((n_pairs,), jnp.float32))
     return jnp.zeros((n_pairs,), jnp.float32).at[order].set(out).reshape(n_txt, k)
+
+
+def _rows_vs_images(txt_rows, src, images, image_valid, precision):
+    """Word rows txt_rows[src[b]] [B, R, D] against image b [Li, D] each -> [B, R] maxima over
+    the valid image tokens (_NEG where none); on CPU B independent gather + matmul chains."""
+    def best(cos, valid):
+        return jnp.max(jnp.where(valid[..., None, :], cos, _NEG), axis=-1)
+
+    if _on_cpu():
+        return jnp.stack([
+            best(jnp.matmul(jnp.take(txt_rows, src[i], axis=0, mode="clip"), images[i].T,
+                            precision=precision, preferred_element_type=jnp.float32),
+                 image_valid[i]) for i in range(src.shape[0])])
+    words = jnp.take(txt_rows, src, axis=0, mode="clip")                      # [B, R, D]
+    cos = jnp.einsum("brd,bld->brl", words, images, precision=precision,
+                     preferred_element_type=jnp.float32)
+    return best(cos, image_valid)
 
 
 def local_similarity_image_candidates(image_tokens: jax.Array, image_mask: jax.Array,
@@ -431,7 +473,7 @@ def local_similarity_image_candidates(image_tokens: jax.Array, image_mask: jax.A
     image_tokens [N_img, L_img, D] / image_mask (e.g. i2t queries); text_tokens [N_txt, L_txt, D]
     / text_mask (the gallery); candidates int [N_img, K] into the texts. Per image one gather of
     its candidates' words and one [K * L_txt, D] x [D, L_img] matmul (``queries_per_step``
-    images per loop step: default one per CPU core, all at once on accelerators).
+    images per loop step: default one per two CPU cores, all at once on accelerators).
     """
     _check_tokens(image_tokens, image_mask, "image")
     _check_tokens(text_tokens, text_mask, "text")
