@@ -23,6 +23,15 @@ Options (or environment variables):
   -h, --help                        this help
 Everything after '--' goes to xmr_jax.main, e.g. -- --config.eval_every_epochs=1 --config.batch_size=32
 ALLOW_NO_GPU=1 runs even without nvidia-smi / a CUDA jax (JAX falls back to CPU).
+WORKDIR may be gs://bucket/run (or any etils.epath filesystem).
+
+Exit status (the trainer's; it replaces this script, so signals reach it directly):
+  0   finished
+  1   the run failed: a checkpoint could not be saved, the loss diverged, a file could not be
+      written (one line on stderr says which)
+  2   bad options, config, workdir or checkpoint (one line on stderr names it)
+  75  (EX_TEMPFAIL) stopped by SIGTERM/SIGINT after checkpointing the running step:
+      run the same command again to resume
 EOF
 }
 
@@ -89,7 +98,7 @@ else
   die "nvidia-smi not found: this machine shows no NVIDIA GPU/driver (set ALLOW_NO_GPU=1 to run on the CPU anyway)"
 fi
 
-# Prints a command ('+ ' prefix) and runs it unless --dry-run.
+# Prints a command ('+ ' prefix) and runs it unless --dry-run; EXEC=1: replaces this shell by it.
 run() {
   local line="+" word
   for word in "$@"; do
@@ -97,6 +106,7 @@ run() {
     else line+=" '${word//\'/\'\\\'\'}'"; fi
   done
   echo "$line"
+  if [[ $DRY_RUN -eq 0 && "${EXEC:-0}" == 1 ]]; then exec "$@"; fi
   if [[ $DRY_RUN -eq 0 ]]; then "$@"; fi
 }
 
@@ -123,4 +133,6 @@ if [[ -n "$PROFILE" ]]; then
 fi
 cmd+=("${EXTRA_ARGS[@]}")
 cd "$REPO_ROOT"
-run "${cmd[@]}"
+# exec: a SIGTERM sent to this script's pid (a scheduler's preemption notice) reaches the trainer,
+# which saves and exits 75; its exit status is this script's.
+EXEC=1 run "${cmd[@]}"

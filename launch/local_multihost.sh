@@ -23,6 +23,11 @@
 #   reduction-order rounding only: expect < 1e-6). Work folders: WORKDIR/compare_{multi,single}.
 # --dry-run: prints the commands, runs nothing.
 # Environment: VENV (default <repo>/.venv; VENV=none uses the current python), PYTHON (python).
+# Signals: SIGTERM/SIGINT to this script are passed to every process; they agree on a step, save
+#   it and exit 75.
+# Exit status: 0 all processes finished; 1 a process failed (its log's last lines are shown);
+#   2 bad options; 75 (EX_TEMPFAIL) the processes were stopped by a signal after checkpointing
+#   the running step: run the same command again to resume from WORKDIR.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -116,7 +121,7 @@ trap 'stop_all' INT TERM
 # the process id), each with NDEV CPU devices; waits; returns non-zero if any failed.
 launch_job() {
   local nproc="$1" ndev="$2" port="$3" logdir="$4"; shift 5
-  local i word cmd status=0 failed=()
+  local i word cmd status=0 failed=() preempted=0
   PIDS=()
   [[ $DRY_RUN -eq 1 ]] || mkdir -p "$logdir"
   for ((i = 0; i < nproc; i++)); do
@@ -137,9 +142,13 @@ launch_job() {
       local pid="${PIDS[$i]}"
       [[ " ${remaining[*]} " == *" $pid "* ]] || continue
       if kill -0 "$pid" 2>/dev/null; then next+=("$pid"); continue; fi
-      if ! wait "$pid"; then
+      local rc=0
+      wait "$pid" || rc=$?
+      if [[ $rc -eq 75 ]]; then
+        preempted=1  # stopped by a signal after saving: the others stop at the same step
+      elif [[ $rc -ne 0 ]]; then
         failed+=("$i"); status=1
-        echo "process $i failed; see $logdir/process_$i.log (last lines below); stopping the others" >&2
+        echo "process $i failed (exit status $rc); see $logdir/process_$i.log (last lines below); stopping the others" >&2
         tail -n 15 "$logdir/process_$i.log" >&2 || true
         stop_all
       fi
@@ -148,16 +157,26 @@ launch_job() {
     [[ ${#remaining[@]} -eq 0 ]] || sleep 1
   done
   echo "logs: $(for ((i = 0; i < nproc; i++)); do printf '%s ' "$logdir/process_$i.log"; done)"
+  if [[ $status -eq 0 && $preempted -eq 1 ]]; then return 75; fi
   return $status
 }
 
 cd "$REPO_ROOT"
 if [[ $COMPARE -eq 0 ]]; then
+  rc=0
   launch_job "$NUM_PROCESSES" "$DEVICES" "$PORT" "$WORKDIR/logs" -- \
     "$PYTHON" -m xmr_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
     --coordinator_address="127.0.0.1:$PORT" --num_processes="$NUM_PROCESSES" --process_id='{i}' \
-    "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}" \
-    || die "multi-host run failed (logs in $WORKDIR/logs)"
+    "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}" || rc=$?
+  if [[ $rc -eq 75 ]]; then
+    echo "local_multihost.sh: stopped by a signal after saving a checkpoint in $WORKDIR/checkpoints;" \
+      "run the same command again to resume (exit status 75)" >&2
+    exit 75
+  fi
+  if [[ $rc -ne 0 ]]; then
+    echo "local_multihost.sh: error: multi-host run failed (logs in $WORKDIR/logs)" >&2
+    exit 1
+  fi
   [[ $DRY_RUN -eq 1 ]] || echo "done: workdir $WORKDIR (metrics.jsonl, checkpoints/, tensorboard/), logs in $WORKDIR/logs"
   exit 0
 fi

@@ -37,6 +37,13 @@ Optional:
 Example:
   TPU_NAME=xmr ZONE=us-central2-b PROJECT=my-proj CONFIG=configs/irra/cuhk_pedes.py \
   WORKDIR=gs://my-bucket/irra_cuhk launch/tpu_pod.sh -- --config.batch_size=256
+
+With a gs:// WORKDIR the workers also get google-cloud-storage (orbax asks the bucket's layout).
+Exit status (without --detach: the trainer's, through gcloud ssh; with it, see ~/xmr_train.log):
+  0 finished; 1 the run failed (one line on stderr says which); 2 bad options, config, workdir or
+  checkpoint; 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGINT (e.g. a Spot preemption notice) after
+  checkpointing the running step on every worker: run the same command again (--skip-setup if the
+  slice survived) to resume from WORKDIR.
 EOF
 }
 
@@ -175,7 +182,9 @@ if [[ $SKIP_SETUP -eq 0 ]]; then
   install="set -e; $fetch && cd ~/$REMOTE_DIR"
   install+=" && (python3 -m pip install --user -q uv || curl -LsSf https://astral.sh/uv/install.sh | sh)"
   install+=" && ~/.local/bin/uv venv -q --allow-existing --python $PYTHON_VERSION $VENV"
-  install+=" && ~/.local/bin/uv pip install -q --python $PY -e $(printf '%q' ".$extras") $(printf '%q' "$JAX_TPU_SPEC")"
+  gcs_client=""
+  [[ "$WORKDIR" != gs://* ]] || gcs_client=" google-cloud-storage"
+  install+=" && ~/.local/bin/uv pip install -q --python $PY -e $(printf '%q' ".$extras") $(printf '%q' "$JAX_TPU_SPEC")$gcs_client"
   run "${SSH[@]}" --command="$install"
 fi
 

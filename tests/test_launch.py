@@ -1,4 +1,5 @@
-"""launch/tpu_pod.sh and launch/gpu.sh: help, dry runs, stubbed runs and error messages.
+"""launch/tpu_pod.sh, launch/gpu.sh (and local_multihost.sh's exit statuses): help, dry runs,
+stubbed runs, error messages, and exit status 75 after a preemption.
 
 `gcloud`, `nvidia-smi` and `python` are replaced by stub scripts that log their arguments, so the
 tests check the exact commands the launchers would run without any cloud or GPU.
@@ -15,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TPU = REPO / "launch" / "tpu_pod.sh"
 GPU = REPO / "launch" / "gpu.sh"
+LOCAL = REPO / "launch" / "local_multihost.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -231,3 +233,67 @@ def test_gpu_stubbed_run(gpu_env, tmp_path):
     assert calls[1] == "python -c import jax; jax.devices('gpu')"
     assert calls[2] == (f"python -m xmr_jax.main --config=configs/demo.py:batch_size=8 "
                         f"--workdir={tmp_path / 'run'} --config.log_every=10")
+
+
+# ----------------------------------------------------------------------------- exit status 75
+
+
+def test_help_documents_the_exit_statuses(tools_path):
+    for script in (GPU, TPU, LOCAL):
+        res = _run(script, ["--help"], {"PATH": tools_path + os.pathsep + "/bin" + os.pathsep + "/usr/bin"})
+        assert res.returncode == 0, res.stderr
+        assert "75" in res.stdout and "EX_TEMPFAIL" in res.stdout and "resume" in res.stdout, script
+
+
+def test_gpu_run_returns_the_trainer_status_and_passes_sigterm(gpu_env, tmp_path):
+    """gpu.sh execs the trainer: its status (75 after a preemption) is the script's, and a SIGTERM
+    sent to the script's pid reaches the trainer."""
+    import signal
+    import time
+
+    env, log, bin_dir = gpu_env
+    _stub(bin_dir, "nvidia-smi", 'echo "0, Fake GPU, 80 GiB, 555.0"')
+    venv_bin = tmp_path / "venv" / "bin"
+    # The stub trainer: the JAX check passes; the training command waits for SIGTERM -> exit 75.
+    _stub(venv_bin, "python", '[ "$1" = -c ] && exit 0\ntrap "exit 75" TERM\necho ready > "$STUB_LOG.ready"\n'
+                              'i=0; while [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 0')
+    (venv_bin / "activate").write_text(f'export PATH="{venv_bin}:$PATH"\n')
+    proc = subprocess.Popen([shutil.which("bash"), str(GPU), "--venv", str(tmp_path / "venv")], env={**env, "PATH": env["PATH"] + os.pathsep + "/bin:/usr/bin"},
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = Path(str(log) + ".ready")
+    deadline = time.time() + 30
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate(timeout=5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, (out, err)
+
+
+def _multihost_env(tmp_path, python_body):
+    bin_dir = tmp_path / "bin"
+    _stub(bin_dir, "python", python_body)
+    return {"PATH": f"{bin_dir}{os.pathsep}/bin{os.pathsep}/usr/bin", "HOME": str(tmp_path),
+            "STUB_LOG": str(tmp_path / "calls.log"), "VENV": "none"}
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ("exit 75", 75, "run the same command again to resume (exit status 75)"),
+    ('case "$*" in *process_id=1*) exit 75 ;; esac\nexit 1', 1, "multi-host run failed"),
+])
+def test_local_multihost_status(tmp_path, body, status, message):
+    env = _multihost_env(tmp_path, body)
+    res = _run(LOCAL, [f"--workdir={tmp_path / 'w'}", "--port=4321"], env)
+    assert res.returncode == status, (res.stdout, res.stderr)
+    assert message in res.stderr
+
+
+def test_tpu_gcs_workdir_installs_the_storage_client(tpu_env):
+    """orbax lists checkpoint steps on gs:// through google-cloud-storage (bucket layout query)."""
+    env, _ = tpu_env
+    gcs = _run(TPU, ["--dry-run"], env)
+    assert gcs.returncode == 0, gcs.stderr
+    assert "google-cloud-storage" in _lines(gcs.stdout)[4]
+    nfs = _run(TPU, ["--dry-run"], {**env, "WORKDIR": "/mnt/shared/run"})
+    assert nfs.returncode == 0, nfs.stderr
+    assert "google-cloud-storage" not in nfs.stdout
