@@ -29,8 +29,11 @@ import signal
 import sys
 from contextlib import contextmanager
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Before anything can import TensorFlow (a config file, the data pipeline): no C++ INFO banner.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -382,7 +385,6 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/xmr_demo")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not FLAGS["verbosity"].present:  # orbax/tfds INFO lines would bury the progress bar
         logging.set_verbosity(logging.WARNING)
     distributed = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
