@@ -2,7 +2,6 @@
 across queries printed beside the rerank score, and index / grid / ground truth on gs:// paths."""
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -63,7 +62,7 @@ def test_truncation_is_reported_and_cosine_is_comparable(small, capsys):
 
 
 def test_index_grid_and_ground_truth_on_gcs(small, tmp_path, monkeypatch, capsys):
-    root = fake_gcs.fake_gcs(tmp_path / "gcs", monkeypatch)
+    fake_gcs.fake_gcs(tmp_path / "gcs", monkeypatch)
     try:
         monkeypatch.chdir(tmp_path)
         S.save_index(small["index"], "gs://bucket/idx/g.npz")
@@ -76,6 +75,5 @@ def test_index_grid_and_ground_truth_on_gcs(small, tmp_path, monkeypatch, capsys
                        "--grid", "gs://bucket/out/grid.png"]) == 0
         assert (tmp_path / "gcs" / "bucket" / "out" / "grid.png").read_bytes()[:4] == b"\x89PNG"
         assert not (tmp_path / "gs:").exists()
-        assert root
     finally:
         fake_gcs.unregister()

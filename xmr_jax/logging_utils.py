@@ -15,8 +15,9 @@ import os
 import pathlib
 import re
 import shutil
-import threading
+import socket
 import time
+import uuid
 from typing import Any, Mapping
 
 
@@ -119,9 +120,10 @@ def check_writable_dir(path: Any, what: str = "--workdir") -> str:
         if p.exists() and not p.is_dir():
             raise PathCheckError(f"{what}={path}: is a file, expected a folder")
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write_probe-{os.getpid()}-{threading.get_ident()}"
+        # Unique across the hosts of a multi-host job probing one shared workdir.
+        probe = p / f".write_probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except PathCheckError:
         raise
     except (OSError, NotImplementedError, ValueError) as e:

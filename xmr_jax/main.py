@@ -115,8 +115,9 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
                                   writer=writer)
             if trained.stopped:
                 step = int(jax.device_get(trained.state.step))
-                raise Preempted(f"training stopped by signal at step {step}; checkpoints in "
-                                f"{logging_utils.join(workdir, 'checkpoints')}")
+                where = logging_utils.join(workdir, "checkpoints")
+                raise Preempted(f"training stopped by signal at step {step}; checkpoints in {where}" if step else
+                                "training stopped by signal before its first step (nothing to save)")
             if mode == "train":
                 return {}
             model, mesh, params = trained.model, trained.mesh, trained.state.params
