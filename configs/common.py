@@ -144,6 +144,9 @@ def tgdt_defaults(positives: str = "image_id") -> ml_collections.ConfigDict:
         "local_scale": 10.0, "positives": positives, "margin": 0.2, "slack": 0.3,
         "k_t2i": 100, "k_i2t": 50, "coco_1k_folds": 0, "coco_1k_fold_size": 1000,
         "negatives": "hardest",
+        # All-pairs "local only" metrics at evaluation: N_img x N_txt x L_img x L_txt x D work
+        # (hours at COCO-5K size on CPU); two-stage scoring does not need them.
+        "eval_local_exhaustive": True,
     })
 
 
