@@ -1,7 +1,7 @@
 """Runs that fail well: a full disk, a failed save, divergence and signals each end the run with one
 message and a distinct exit status, and leave the checkpoints usable.
 
-In-process: the trainer (`xmr_jax.train.train`, tiny IRRA of tests/train_fixtures.py) on a 14 MiB
+In-process: the trainer (`xmr_jax.train.train`, tiny IRRA of tests/train_fixtures.py) on a 10 MiB
 tmpfs (one ~9 MiB checkpoint fits, the second does not) and with a save that raises. Subprocesses:
 `python -m xmr_jax.main` with tests/main_test_config.py (synthetic_people/tiny, 6 steps per epoch)
 on a full tmpfs, with a diverging learning rate, and stopped by SIGTERM (exit status 75, then a
@@ -30,10 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 14 MiB tmpfs (root only); unmounted afterwards."""
+    """A 10 MiB tmpfs (root only): one tiny-IRRA checkpoint (~7 MB, compressed, so its size moves
+    with the trained values) fits, a second never does. Unmounted afterwards."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(mount)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mount)],
                                            capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root")
     yield mount

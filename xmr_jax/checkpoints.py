@@ -264,6 +264,10 @@ class Checkpointer:
         """Removes the unfinished step, returns the one-line error (raised again by later calls)."""
         step = self._pending
         self._pending = None
+        try:  # let orbax's writer threads end first, or they may recreate the step's tmp folder
+            self._mngr.wait_until_finished()
+        except Exception:  # pylint: disable=broad-except
+            pass  # the same failure, reported below
         try:
             self._remove_unfinished(step)
         except Exception as cleanup_err:  # pylint: disable=broad-except
@@ -300,6 +304,9 @@ class Checkpointer:
             except Exception:  # pylint: disable=broad-except
                 if self._failed is None:
                     raise
+            if self._failed is not None:
+                # orbax's threads are joined now: remove what they wrote after the failure.
+                self._remove_unfinished(self._failed.step)
 
     def __enter__(self):
         return self
