@@ -75,7 +75,8 @@ CAPTIONS = [
 
 
 def _pad_rule(ids, context_length=CONTEXT_LENGTH):
-    """SPEC 2 applied to a [SOT] + bpe + [EOT] list: cut to length with last = EOT, zero pad."""
+    """docs/semantics.md, section 'Tokenizer', on a [SOT] + bpe + [EOT] list: cut to length with
+    last = EOT, zero pad."""
     ids = list(ids)
     if len(ids) > context_length:
         ids = ids[:context_length - 1] + [EOT_ID]

@@ -59,7 +59,7 @@ def _recall_at(ranks: np.ndarray, k: int) -> float:
 def person_retrieval_metrics(
     similarity, query_pids, gallery_pids, ks: Sequence[int] = (1, 5, 10)
 ) -> dict:
-    """Text-to-image person retrieval metrics (IRRA protocol, SPEC section 5).
+    """Text-to-image person retrieval metrics (IRRA protocol, docs/semantics.md, section 'Evaluation').
 
     Args:
       similarity: [Nq, Ng] scores, rows queries (captions), cols gallery images; higher = closer.
@@ -153,7 +153,7 @@ def _rank_of(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
 def caption_retrieval_metrics(
     similarity_i2t, captions_per_image: int = 5, text_to_image=None
 ) -> dict:
-    """Image <-> caption recall (Flickr30K / COCO protocol, SPEC section 7).
+    """Image <-> caption recall (Flickr30K / COCO protocol, docs/semantics.md, section 'Evaluation').
 
     Args:
       similarity_i2t: [N_img, N_txt] scores, rows images, cols captions.

@@ -2,7 +2,7 @@
 
 Tokenizer: the BPE itself runs in the Hugging Face ``tokenizers`` library (Rust); text cleaning
 (ftfy, HTML unescape twice, whitespace collapse, strip, lowercase) is done in Python first, as in
-OpenAI CLIP and IRRA. Vocabulary layout (SPEC section 2), 49408 entries:
+OpenAI CLIP and IRRA. Vocabulary layout (docs/semantics.md, section 'Tokenizer'), 49408 entries:
 
     0..255        the 256 byte symbols (GPT-2 byte -> printable character map, in its order)
     256..511      the same symbols followed by ``</w>``
@@ -17,10 +17,10 @@ sequences are cut to ``context_length`` with the last token set to EOT. As in Op
 Hugging Face), a literal ``<|startoftext|>`` / ``<|endoftext|>`` inside a caption becomes the
 special id; a literal ``<|mask|>`` is ordinary text.
 
-MLM masking (SPEC section 3) is written once in :func:`apply_mlm_rule` as a function of uniform
-draws and an array namespace ``xp`` (numpy or ``tensorflow.experimental.numpy``), so the numpy
-path (:func:`mlm_mask`) and a tf.data path give identical results for identical draws. This
-module never imports TensorFlow.
+MLM masking (docs/semantics.md, section 'IRRA model') is written once in :func:`apply_mlm_rule` as
+a function of uniform draws and an array namespace ``xp`` (numpy or
+``tensorflow.experimental.numpy``), so the numpy path (:func:`mlm_mask`) and a tf.data path give
+identical results for identical draws. This module never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -372,7 +372,7 @@ def apply_mlm_rule(token_ids, u_select, u_action, random_ids, mask_prob=0.15, ma
 
 def mlm_mask(token_ids, rng: np.random.Generator | int, mask_prob: float = 0.15, mask_id: int = MASK_ID,
              vocab_limit: int = MASK_ID) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded numpy MLM masking (SPEC 3) of token_ids [N, L] or [L].
+    """Seeded numpy MLM masking (docs/semantics.md, 'IRRA model') of token_ids [N, L] or [L].
 
     rng: a numpy Generator or an int seed. Draw order (per call): u_select = rng.random(shape,
     float32), u_action = rng.random(shape, float32), random_ids = rng.integers(1, vocab_limit, shape).

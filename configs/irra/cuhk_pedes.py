@@ -1,9 +1,11 @@
-r"""IRRA on cuhk_pedes (SPEC section 4): CLIP ViT-B/16 at 384x128, sdm+id+mlm, 60 epochs, batch 64.
+r"""IRRA on cuhk_pedes: CLIP ViT-B/16 at 384x128, sdm+id+mlm, 60 epochs, batch 64 (the recipe:
+docs/semantics.md, section 'Training recipes').
 
   python -m xmr_jax.main --config=configs/irra/cuhk_pedes.py:init=/path/ViT-B-16.pt,data_dir=/data/tfds \
       --workdir=/runs/irra_cuhk_pedes
 
-Needs the cuhk_pedes TFDS data set (see README: Real data sets) and an OpenAI CLIP ViT-B/16 checkpoint.
+Needs the cuhk_pedes TFDS data set (docs/semantics.md, section 'Data sets') and an OpenAI CLIP
+ViT-B/16 checkpoint.
 """
 
 from configs import common

@@ -1,11 +1,12 @@
-r"""TGDT on coco_karpathy (SPEC sections 6-7), adapted to CLIP ViT-B/16 towers; 5K and 1K test.
+r"""TGDT on coco_karpathy, adapted to CLIP ViT-B/16 towers; 5K and 1K test (the recipe:
+docs/semantics.md, section 'Training recipes').
 
   python -m xmr_jax.main --config=configs/tgdt/coco.py:init=/path/ViT-B-16.pt,data_dir=/data/tfds \
       --workdir=/runs/tgdt_coco
 
-Needs the coco_karpathy TFDS data set (train = Karpathy train + restval; see README: Real data
-sets) and an OpenAI CLIP ViT-B/16 checkpoint. Arguments after ':': init, data_dir, manual_dir,
-batch_size, epochs, seed, precision, positives.
+Needs the coco_karpathy TFDS data set (train = Karpathy train + restval; docs/semantics.md,
+section 'Data sets') and an OpenAI CLIP ViT-B/16 checkpoint. Arguments after ':': init, data_dir,
+manual_dir, batch_size, epochs, seed, precision, positives.
 
 Evaluation reports the 5K test (5000 images / 25000 captions: keys "global", "local",
 "two_stage") and COCO 1K (`tgdt.coco_1k_folds=5`: the same test set in 5 folds of 1000 images,

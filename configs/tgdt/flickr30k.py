@@ -1,11 +1,12 @@
-r"""TGDT on flickr30k_karpathy (SPEC sections 6-7), adapted to CLIP ViT-B/16 towers.
+r"""TGDT on flickr30k_karpathy, adapted to CLIP ViT-B/16 towers (the recipe: docs/semantics.md,
+section 'Training recipes').
 
   python -m xmr_jax.main --config=configs/tgdt/flickr30k.py:init=/path/ViT-B-16.pt,data_dir=/data/tfds \
       --workdir=/runs/tgdt_flickr30k
 
-Needs the flickr30k_karpathy TFDS data set (see README: Real data sets) and an OpenAI CLIP
-ViT-B/16 checkpoint. Arguments after ':': init, data_dir, manual_dir, batch_size, epochs, seed,
-precision, positives.
+Needs the flickr30k_karpathy TFDS data set (docs/semantics.md, section 'Data sets') and an
+OpenAI CLIP ViT-B/16 checkpoint. Arguments after ':': init, data_dir, manual_dir, batch_size,
+epochs, seed, precision, positives.
 
 Kept from the original TGDT recipe: CMC loss (margin 0.2, slack 0.3, local scale 10) on global +
 local similarity, Adam lr 1e-5 without weight decay, gradient clipping at norm 2.0, lr x0.1

@@ -1,4 +1,6 @@
-"""Import a PyTorch IRRA checkpoint (`best.pth`, SPEC section 8) as xmr_jax IRRA params.
+"""Import a PyTorch IRRA checkpoint (`best.pth`) as xmr_jax IRRA params.
+
+Format: docs/semantics.md, section 'Checkpoints and file formats'.
 
     model, params = load_irra("best.pth")        # IRRA module + {"base_model", "cross_attn", ...}
 

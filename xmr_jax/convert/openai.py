@@ -1,9 +1,10 @@
 """Import OpenAI CLIP checkpoints (TorchScript `ViT-B-16.pt` or a plain state dict).
 
-Key layout (SPEC section 8): `visual.conv1.weight` [w,3,p,p], `visual.class_embedding`,
-`visual.positional_embedding` [1+g*g, w], `visual.ln_pre.*`, `visual.transformer.resblocks.N.*`,
-`visual.ln_post.*`, `visual.proj` [w, D]; `token_embedding.weight`, `positional_embedding`,
-`transformer.resblocks.N.*`, `ln_final.*`, `text_projection` [w, D]. Each block has `ln_1`,
+Key layout (docs/semantics.md, section 'Checkpoints and file formats'): `visual.conv1.weight`
+[w,3,p,p], `visual.class_embedding`, `visual.positional_embedding` [1+g*g, w], `visual.ln_pre.*`,
+`visual.transformer.resblocks.N.*`, `visual.ln_post.*`, `visual.proj` [w, D];
+`token_embedding.weight`, `positional_embedding`, `transformer.resblocks.N.*`, `ln_final.*`,
+`text_projection` [w, D]. Each block has `ln_1`,
 `attn.in_proj_weight` [3w, w] (q, k, v stacked), `attn.in_proj_bias`, `attn.out_proj`, `ln_2`,
 `mlp.c_fc`, `mlp.c_proj`. Architecture is inferred from the shapes; heads = width // 64 as in
 OpenAI's `build_model` (override with vision_heads= / text_heads=).
