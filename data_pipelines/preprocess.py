@@ -3,13 +3,16 @@
 All randomness is stateless: every random op takes a `seed` int32/int64 [2] tensor, so a sample's
 augmentation depends only on (base seed, its position in the stream), never on thread scheduling.
 
-IRRA train transform (SPEC 4), on one image:
-  resize to (H, W) bilinear (tf.image.resize, antialias=False, half-pixel centres; values stay float,
-  not rounded to uint8 as PIL would) -> horizontal flip p=0.5 -> zero-pad 10 px each side -> random
-  HxW crop (offsets uniform in 0..20) -> /255 -> (x - CLIP_MEAN) / CLIP_STD -> random erasing
-  (p=0.5, area 2%-40%, log-uniform aspect 0.3-3.3, up to 10 attempts, torchvision's rules; fill =
-  CLIP_MEAN per channel, in normalized space as IRRA does).
-Test transform: resize -> /255 -> normalize.
+IRRA train transform (torchvision on PIL images), on one image:
+  decode (JPEGs with libjpeg's accurate integer DCT, as PIL decodes them) -> resize to (H, W) as
+  PIL's bilinear filter does, antialiased when shrinking (tf.image.resize(bilinear, antialias=True):
+  within one grey level of PIL on every size tested; values stay float, not rounded to uint8 as PIL
+  would) -> horizontal flip p=0.5 -> zero-pad 10 px each side -> random HxW crop (offsets uniform in
+  0..20) -> /255 -> (x - CLIP_MEAN) / CLIP_STD -> random erasing (p=0.5, area 2%-40%, log-uniform
+  aspect 0.3-3.3, up to 10 attempts, torchvision's rules; fill = CLIP_MEAN per channel, in
+  normalized space as IRRA does).
+Test transform: decode -> resize -> /255 -> normalize. Its NumPy/PIL twin for host-side code (the
+search CLI) and the CLIP constants live in xmr_jax.image_transform (no TensorFlow there).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ try:  # the accelerators belong to JAX
 except (RuntimeError, ValueError):  # already initialized or no GPU support: nothing to hide
     pass
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from xmr_jax.image_transform import CLIP_MEAN, CLIP_STD  # noqa: E402  (the one copy)
+
 PAD = 10
 ERASE_PROB = 0.5
 ERASE_SCALE = (0.02, 0.4)
@@ -39,14 +42,26 @@ _NUM_SAMPLE_SEEDS = 5
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """Encoded PNG/JPEG bytes (scalar string) -> uint8 [H, W, 3]."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    """Encoded PNG/JPEG/... bytes (scalar string) -> uint8 [H, W, 3].
+
+    JPEGs use the accurate integer DCT (PIL's default, so IRRA's): tf.io.decode_image's default
+    (the fast DCT) is off by up to 15 grey levels on sharp edges.
+    """
+    image = tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
     image.set_shape([None, None, 3])
     return image
 
 
-def resize(image: tf.Tensor, size: tuple[int, int], antialias: bool = False) -> tf.Tensor:
-    """Bilinear resize to size=(H, W); uint8 or float [h, w, 3] -> float32 [H, W, 3] in pixel units."""
+def resize(image: tf.Tensor, size: tuple[int, int], antialias: bool = True) -> tf.Tensor:
+    """Bilinear resize to size=(H, W); uint8 or float [h, w, 3] -> float32 [H, W, 3] in pixel units.
+
+    antialias=True (the default, used by both transforms) is PIL's bilinear filter: widened by the
+    scale factor when shrinking, plain bilinear with half-pixel centres when enlarging.
+    antialias=False samples only the 2x2 nearest pixels (not what IRRA does when shrinking).
+    """
     out = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=antialias)
     return tf.ensure_shape(out, [size[0], size[1], 3])
 
@@ -131,7 +146,7 @@ def train_image(encoded: tf.Tensor, size: tuple[int, int], seeds: tf.Tensor, aug
                 flip: bool | None = None) -> tf.Tensor:
     """IRRA train transform: encoded bytes -> normalized float32 [H, W, 3]; seeds: [>=3, 2].
 
-    augment=True: flip, pad-crop, erase (SPEC 4). augment=False: resize + normalize, plus the random
+    augment=True: flip, pad-crop, erase (module docstring). augment=False: resize + normalize, plus the random
     flip only when flip=True. flip=None follows augment.
     """
     image = resize(decode_image(encoded), size)

@@ -8,9 +8,9 @@ CKPT is anything `xmr_jax.export.load_for_export` reads (a training workdir with
 folder written by `python -m xmr_jax.convert`, a HF CLIPModel folder, an OpenAI CLIP file), or,
 with `--exported DIR`, a `jax/` folder written by `python -m xmr_jax.export --formats jax`.
 
-Image transform (= the evaluation transform of data_pipelines/preprocess.py, without TensorFlow):
-RGB uint8 -> bilinear resize to the model's (H, W) (half-pixel centres, no antialiasing, like
-tf.image.resize) -> (x / 255 - CLIP_MEAN) / CLIP_STD.
+Image transform: `xmr_jax.image_transform` (= the evaluation transform of
+data_pipelines/preprocess.py, without TensorFlow): RGB -> PIL bilinear resize to the model's (H, W),
+antialiased when shrinking, as IRRA's torchvision transform -> (x / 255 - CLIP_MEAN) / CLIP_STD.
 
 Index (one .npz file, written to exactly the given path; read with `load_index`):
     global   float32 [N, D]     image global features (unnormalized, as the encoder returns them)
@@ -49,8 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # = data_pipelines.preprocess.CLIP_MEAN
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 INDEX_FORMAT = "xmr_jax.search.index"
 INDEX_VERSION = 1
 GREEN = (0, 170, 0)
@@ -86,43 +84,16 @@ def list_images(folder: str) -> list[str]:
     return sorted(found)
 
 
-def _bilinear_taps(n_in: int, n_out: int):
-    """Half-pixel-centre bilinear source indices and weights (as tf.image.resize, no antialias)."""
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    lo = np.floor(src)
-    frac = (src - lo).astype(np.float32)
-    lo = lo.astype(np.int64)
-    return np.clip(lo, 0, n_in - 1), np.clip(lo + 1, 0, n_in - 1), frac
-
-
-def resize_bilinear(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """uint8/float [h, w, C] -> float32 [H, W, C] (pixel units), bilinear, half-pixel centres."""
-    img = np.asarray(image, np.float32)
-    (y0, y1, fy), (x0, x1, fx) = _bilinear_taps(img.shape[0], size[0]), _bilinear_taps(img.shape[1], size[1])
-    rows = img[y0] * (1.0 - fy)[:, None, None] + img[y1] * fy[:, None, None]
-    return rows[:, x0] * (1.0 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
-
-
-def normalize_image(pixels: np.ndarray) -> np.ndarray:
-    """float [..., 3] in 0..255 -> (x / 255 - CLIP_MEAN) / CLIP_STD (float32)."""
-    scale = np.array([1.0 / (255.0 * s) for s in CLIP_STD], np.float32)
-    offset = np.array([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], np.float32)
-    return np.asarray(pixels, np.float32) * scale + offset
-
-
 def load_image(path: str, size: Sequence[int]) -> np.ndarray:
-    """Decode an image file -> normalized float32 [H, W, 3] (the test transform).
-
-    Raises SearchError naming the path when the file cannot be decoded.
-    """
-    from PIL import Image
+    """Decode an image file -> normalized float32 [H, W, 3] (the test transform,
+    `xmr_jax.image_transform.load_image`). Raises SearchError naming the path when the file
+    cannot be decoded."""
+    from xmr_jax import image_transform
 
     try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise SearchError(f"cannot decode image {path!r}: {e}") from e
-    return normalize_image(resize_bilinear(rgb, size))
+        return image_transform.load_image(path, size)
+    except image_transform.ImageDecodeError as e:
+        raise SearchError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------- encoders
