@@ -23,7 +23,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import jax
+from xmr_jax.cpu_runtime import configure_cpu_runtime  # noqa: E402  (imports no jax)
+
+# Before jax is imported: on CPU this re-executes the script with glibc malloc settings that keep
+# XLA:CPU from faulting in fresh pages for every temporary (xmr_jax/cpu_runtime.py). The torch side
+# runs in the same process, under the same settings. --no_cpu_setup measures without them.
+CPU_SETUP = "skipped (--no_cpu_setup)" if "--no_cpu_setup" in sys.argv else configure_cpu_runtime()
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -96,10 +103,10 @@ def compile_step(config, batch):
     """(compiled train step, its initial state, the batch on device) for `config`."""
     family = get_family(config.model_family)
     model = family.build(config)
-    params = train.init_params(model, config, config.data.image_size, jax.random.PRNGKey(0))
+    params = train.init_params(model, config, jax.random.PRNGKey(0))
     tx, _ = optim.make_optimizer(config.optim, params, steps_per_epoch=1000)
     state = train.create_train_state(params, tx)
-    step = jax.jit(train.make_train_step(model, family.losses, tx, config), donate_argnums=(0,))
+    step = jax.jit(train.make_train_step(model, family.loss_fn(config), tx), donate_argnums=(0,))
     batch = jax.device_put(batch)
     return step.lower(state, batch).compile(), state, batch
 
@@ -200,13 +207,14 @@ def main():
                         help="comma list of float32,bfloat16 (default: bfloat16 on GPU, both on CPU)")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100/H200 SXM: 989)")
     parser.add_argument("--no_torch", action="store_true")
+    parser.add_argument("--no_cpu_setup", action="store_true", help="skip xmr_jax.cpu_runtime.configure_cpu_runtime()")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     precisions = (args.precisions or ("bfloat16" if on_gpu else "float32,bfloat16")).split(",")
     device = jax.devices()[0].device_kind
     print(f"device: {device} ({jax.default_backend()}), jax {jax.__version__}, {os.cpu_count()} CPUs, "
           f"median of {args.steps} timed steps after {args.warmup} warm-up; load average at start "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; cpu runtime: {CPU_SETUP}", flush=True)
     rows = []
     for name in args.cases.split(","):
         for precision in precisions:

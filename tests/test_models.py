@@ -5,12 +5,16 @@ numpy random params with the shapes of `clip_param_shapes` and jitted apply func
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xmr_jax.models import layers
 from xmr_jax.models.clip import CLIP_PRESETS, clip_from_config, clip_param_shapes, init_clip_params
 from xmr_jax.models.layers import (MultiHeadAttention, ResidualBlock, Transformer, quick_gelu, stack_resblocks,
                                    unstack_resblocks)
@@ -212,3 +216,139 @@ def test_presets_and_config_errors():
         clip_from_config({"preset": "tiny", "vision_widht": 3})
     with pytest.raises(ValueError, match="dtype"):
         clip_from_config({"preset": "tiny", "dtype": "float8"})
+
+
+# ---------------------------------------------------------------- attention implementation / fast paths
+
+def _has_cuda_gpu():
+    try:
+        return layers.default_backend_kind() == "cuda"
+    except RuntimeError:
+        return False
+
+
+def test_attention_implementation_selection(monkeypatch):
+    monkeypatch.delenv("XMR_ATTENTION_IMPL", raising=False)
+    pick = layers.attention_implementation
+    for backend in ("cuda", "gpu"):
+        assert pick(jnp.bfloat16, backend) == "cudnn"
+        assert pick(jnp.float16, backend) == "cudnn"
+        assert pick(jnp.float32, backend) == "xla"          # cuDNN fused attention is 16-bit only
+    for backend in ("cpu", "tpu", "rocm"):
+        for dt in (jnp.bfloat16, jnp.float16, jnp.float32):
+            assert pick(dt, backend) == "xla"
+    assert pick(jnp.bfloat16, "cuda", "xla") == "xla"       # explicit choices win
+    assert pick(jnp.float32, "cpu", "cudnn") == "cudnn"
+    monkeypatch.setenv("XMR_ATTENTION_IMPL", "xla")          # process-wide default
+    assert pick(jnp.bfloat16, "cuda") == "xla"
+    assert pick(jnp.bfloat16, "cuda", "auto") == "cudnn"
+    with pytest.raises(ValueError, match="flash"):
+        pick(jnp.bfloat16, "cuda", "flash")
+    monkeypatch.delenv("XMR_ATTENTION_IMPL")
+    if jax.default_backend() == "cpu":
+        assert pick(jnp.bfloat16) == "xla"
+
+
+def test_attention_auto_falls_back_to_xla(monkeypatch):
+    """"auto" on a (pretend) CUDA backend picks cuDNN; where cuDNN cannot run, the result is XLA's."""
+    if _has_cuda_gpu():
+        pytest.skip("real GPU: covered by test_cudnn_attention_matches_xla")
+    monkeypatch.setattr(layers, "default_backend_kind", lambda: "cuda")
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 4, 8)), jnp.bfloat16) for _ in range(3))
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    out = layers.dot_product_attention(q, k, v, causal=True, implementation="auto")
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(Exception):
+        layers.dot_product_attention(q, k, v, causal=True, implementation="cudnn")
+
+
+@pytest.mark.skipif(not _has_cuda_gpu(), reason="needs a CUDA GPU (cuDNN fused attention)")
+@pytest.mark.parametrize("mode", ["self", "causal", "cross", "padding"])
+def test_cudnn_attention_matches_xla(mode):
+    """Both implementations in bfloat16 through MultiHeadAttention: outputs and gradients agree."""
+    rng = np.random.default_rng(0)
+    b, t, s, c, heads = 4, 77, 193, 512, 8
+    x = jnp.asarray(rng.standard_normal((b, t, c)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((b, s, c)), jnp.float32) if mode == "cross" else None
+    mask = None
+    if mode == "padding":   # TGDT-style key padding mask [B, 1, 1, S]
+        lengths = np.array([t, 40, 7, 1])
+        mask = jnp.asarray(np.arange(t)[None, None, None, :] < lengths[:, None, None, None])
+    mods = {impl: MultiHeadAttention(heads, jnp.bfloat16, attention_impl=impl) for impl in ("xla", "cudnn")}
+    params = jax.jit(mods["xla"].init)(jax.random.key(0), x, kv)
+    w = jnp.asarray(rng.standard_normal((b, t, c)), jnp.float32)
+
+    def run(impl):
+        def f(p, x):
+            out = mods[impl].apply(p, x, kv, causal=mode == "causal", mask=mask)
+            return jnp.sum(out.astype(jnp.float32) * w), out
+        (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
+        return out, grads
+
+    if mode != "cross":   # the cuDNN kernel must really be used
+        hlo = jax.jit(lambda p: mods["cudnn"].apply(p, x, kv, causal=mode == "causal", mask=mask)).lower(
+            params).compile().as_text()
+        assert "cudnn" in hlo.lower()
+    (o1, g1), (o2, g2) = run("xla"), run("cudnn")
+    scale = float(jnp.max(jnp.abs(o1.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(o2, np.float32), np.asarray(o1, np.float32), atol=2e-2 * scale)
+    for a, b_ in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        a, b_ = np.asarray(a, np.float32), np.asarray(b_, np.float32)
+        np.testing.assert_allclose(b_, a, atol=3e-2 * max(np.abs(a).max(), 1e-6))
+
+
+def test_dense_and_patch_embed_match_flax_layers():
+    """layers.Dense == nn.Dense and vit.PatchEmbed == the strided nn.Conv: same params, same outputs."""
+    import flax.linen as nn
+
+    from xmr_jax.models.vit import PatchEmbed
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.float32)
+    ours, ref = layers.Dense(24, std=0.3), nn.Dense(24, kernel_init=nn.initializers.normal(0.3))
+    p = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(np.shape, p) == jax.tree.map(np.shape, ref.init(jax.random.key(1), x))
+    p = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), p)
+    np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=1e-5)
+
+    images = jnp.asarray(rng.standard_normal((2, 32, 24, 3)), jnp.float32)
+    pe = PatchEmbed(16, 8)
+    conv = nn.Conv(16, (8, 8), strides=(8, 8), padding="VALID", use_bias=False)
+    p_pe, p_conv = pe.init(jax.random.key(2), images), conv.init(jax.random.key(2), images)
+    np.testing.assert_array_equal(p_pe["params"]["kernel"], p_conv["params"]["kernel"])   # same init
+    np.testing.assert_allclose(pe.apply(p_pe, images), conv.apply(p_conv, images).reshape(2, 12, 16), atol=1e-5)
+
+
+_FAULTS_SCRIPT = r"""
+import resource, sys
+from xmr_jax.cpu_runtime import configure_cpu_runtime
+if sys.argv[1] != "off":
+    done = configure_cpu_runtime(force=True, reexec=sys.argv[1] == "reexec")
+    assert "GLIBC_TUNABLES" in done if sys.argv[1] == "reexec" else all(done["mallopt"].values()), done
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: (jnp.sin(x), jnp.cos(x)))   # two fresh 128 MB output buffers per call
+x = jnp.ones((4096, 8192), jnp.float32)
+for _ in range(2):
+    jax.block_until_ready(f(x))
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    jax.block_until_ready(f(x))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) // 3)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_configure_cpu_runtime_stops_page_faults_per_step():
+    def faults(mode):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        env["JAX_PLATFORMS"] = "cpu"
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                             env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+
+    off, reexec = faults("off"), faults("reexec")
+    assert off > 50000, off                  # 2 x 128 MB of fresh 4 KiB pages per call
+    assert reexec < off / 2, (reexec, off)   # mostly reused heap pages
+    faults("mallopt")                        # the fallback path runs

@@ -13,10 +13,21 @@ Initialisation follows OpenAI CLIP's `initialize_parameters` for a stack of L bl
 `ResidualBlock` / `MultiHeadAttention` / `Mlp` used on their own default to the L = 1 values.
 LayerNorm statistics are always computed in float32 (eps 1e-5), parameters are float32, and
 `dtype` is the compute dtype of the matmuls (float32 or bfloat16).
+
+Performance notes (see benchmarks/towers.py):
+
+* every projection is one 2-D [N, C] x [C, F] matmul (:class:`Dense` flattens the leading axes), so
+  the weight gradient is a plain GEMM contracting one axis; with `nn.Dense` on [B, T, C] inputs the
+  gradient contracts two axes and XLA:CPU adds a transposed copy of the output gradient per
+  projection.
+* attention goes through `jax.nn.dot_product_attention`; :func:`attention_implementation` picks
+  "cudnn" (fused kernel) on CUDA GPUs for bfloat16/float16 and "xla" elsewhere.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from typing import Any, Optional
 
@@ -71,16 +82,94 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype or x.dtype)
 
 
-def _dense(features: int, std: float, dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=True,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(stddev=std),
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
+class Dense(nn.Module):
+    """`x @ kernel + bias` over the last axis, computed as one 2-D matmul on x reshaped to [N, C].
+
+    Same parameters as `flax.linen.Dense(features)`: "kernel" [C, F] ~ N(0, std), "bias" [F] = 0,
+    both float32. x [..., C] -> [..., F] in `dtype`.
+    """
+
+    features: int
+    std: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(stddev=self.std), (x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        lead = x.shape[:-1]
+        y = jnp.dot(x.astype(self.dtype).reshape(-1, x.shape[-1]), kernel.astype(self.dtype))
+        return (y + bias.astype(self.dtype)).reshape(*lead, self.features)
+
+
+def _dense(features: int, std: float, dtype: Dtype, name: str) -> Dense:
+    return Dense(features, std, dtype, name=name)
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_ATTENTION_ENV = "XMR_ATTENTION_IMPL"
+_log = logging.getLogger(__name__)
+_warned_fallback = set()
+
+
+def default_backend_kind() -> str:
+    """'cuda', 'rocm', 'cpu' or 'tpu' for JAX's default backend (initialises the backend)."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+        return "rocm" if "rocm" in version or "hip" in version else "cuda"
+    return backend
+
+
+def attention_implementation(dtype, backend: Optional[str] = None, requested: Optional[str] = None) -> str:
+    """The `jax.nn.dot_product_attention` implementation MultiHeadAttention uses: "cudnn" or "xla".
+
+    requested: "xla" / "cudnn" are returned as they are; "auto" (or None: the process default, the
+      environment variable XMR_ATTENTION_IMPL, else "auto") picks "cudnn" (the fused cuDNN kernel)
+      on a CUDA GPU when the compute dtype is bfloat16 or float16, and "xla" otherwise (CPU, TPU,
+      ROCm, float32: cuDNN's fused attention takes only 16-bit inputs).
+    backend: "cuda"/"gpu", "rocm", "cpu", "tpu"; None = JAX's default backend.
+
+    Note that `implementation=None` in `jax.nn.dot_product_attention` (jax 0.10) still means XLA, so
+    the fused kernel has to be asked for by name.
+    """
+    requested = requested or os.environ.get(_ATTENTION_ENV, "auto") or "auto"
+    if requested not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation: expected one of {ATTENTION_IMPLEMENTATIONS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    backend = default_backend_kind() if backend is None else backend
+    if backend in ("cuda", "gpu") and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "xla"
+
+
+def dot_product_attention(q, k, v, mask=None, causal: bool = False, implementation: Optional[str] = None):
+    """softmax(q k^T / sqrt(H) masked) v. q [B,T,N,H], k/v [B,S,N,H], mask bool broadcastable to
+    [B,N,T,S] (True = attend) -> [B,T,N,H] in q's dtype. Logits and softmax are float32 on every path.
+
+    implementation: see :func:`attention_implementation` (resolved with q's dtype). With "auto", a
+    configuration the cuDNN kernel rejects at trace time (head dim, mask shape, old GPU) falls back
+    to "xla" with a warning; an explicit "cudnn" raises instead.
+    """
+    impl = attention_implementation(q.dtype, requested=implementation)
+    if mask is not None:
+        mask = jnp.asarray(mask, dtype=bool)
+    if impl == "cudnn":
+        try:
+            if mask is not None:   # cuDNN wants a full [B, N, T, S] mask
+                mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+            if (implementation or os.environ.get(_ATTENTION_ENV, "auto")) == "cudnn":
+                raise
+            key = (type(e).__name__, str(e)[:200])
+            if key not in _warned_fallback:
+                _warned_fallback.add(key)
+                _log.warning("cuDNN attention unavailable (%s: %s); using the XLA implementation", *key)
+    # The xla implementation computes logits with float32 accumulation and the softmax in float32.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
 
 
 class MultiHeadAttention(nn.Module):
@@ -92,6 +181,8 @@ class MultiHeadAttention(nn.Module):
       in_std: init std of q/k/v kernels (None -> C^-0.5, OpenAI's in-proj std).
       out_std: init std of the out-proj kernel (None -> C^-0.5; `Transformer` passes
         C^-0.5 * (2L)^-0.5).
+      attention_impl: "auto" | "xla" | "cudnn" | None (process default), see
+        :func:`attention_implementation`.
 
     Call: x [B,T,C], kv [B,S,C] or None (self-attention), causal (query t sees keys <= t; self-
     attention only), mask optional bool broadcastable to [B,N,T,S] (True = attend).
@@ -102,6 +193,7 @@ class MultiHeadAttention(nn.Module):
     dtype: Dtype = jnp.float32
     in_std: Optional[float] = None
     out_std: Optional[float] = None
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, kv=None, causal: bool = False, mask=None):
@@ -119,10 +211,7 @@ class MultiHeadAttention(nn.Module):
         q = _dense(width, in_std, self.dtype, "q_proj")(x).reshape(b, t, self.num_heads, head_dim)
         k = _dense(width, in_std, self.dtype, "k_proj")(kv).reshape(b, s, self.num_heads, head_dim)
         v = _dense(width, in_std, self.dtype, "v_proj")(kv).reshape(b, s, self.num_heads, head_dim)
-        if mask is not None:
-            mask = jnp.asarray(mask, dtype=bool)
-        # The xla implementation computes logits with float32 accumulation and the softmax in float32.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
+        out = dot_product_attention(q, k, v, mask=mask, causal=causal, implementation=self.attention_impl)
         out = out.reshape(b, t, width)
         return _dense(width, out_std, self.dtype, "out_proj")(out)
 
@@ -153,6 +242,7 @@ class ResidualBlock(nn.Module):
 
     attn_std / out_std / fc_std: see module docstring (None -> L = 1 OpenAI values).
     `mask` (optional, bool broadcastable to [B,N,T,T]) is passed to the attention.
+    attention_impl: see :class:`MultiHeadAttention`.
     """
 
     width: int
@@ -162,6 +252,7 @@ class ResidualBlock(nn.Module):
     attn_std: Optional[float] = None
     out_std: Optional[float] = None
     fc_std: Optional[float] = None
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -173,7 +264,7 @@ class ResidualBlock(nn.Module):
         fc_std = self.fc_std if self.fc_std is not None else fc_std
         x = x.astype(self.dtype)
         h = LayerNorm(dtype=self.dtype, name="ln_1")(x)
-        h = MultiHeadAttention(self.num_heads, self.dtype, attn_std, out_std, name="attn")(
+        h = MultiHeadAttention(self.num_heads, self.dtype, attn_std, out_std, self.attention_impl, name="attn")(
             h, causal=self.causal, mask=mask)
         x = x + h
         h = LayerNorm(dtype=self.dtype, name="ln_2")(x)
@@ -192,6 +283,7 @@ class Transformer(nn.Module):
     carry a leading [layers] axis (see :func:`stack_resblocks` / :func:`unstack_resblocks`).
     remat=True recomputes each block's activations in the backward pass (nn.remat).
     Init stds default to OpenAI's values for (width, layers), see module docstring.
+    attention_impl: see :class:`MultiHeadAttention`.
     """
 
     width: int
@@ -204,6 +296,7 @@ class Transformer(nn.Module):
     attn_std: Optional[float] = None
     out_std: Optional[float] = None
     fc_std: Optional[float] = None
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -216,6 +309,7 @@ class Transformer(nn.Module):
             attn_std=self.attn_std if self.attn_std is not None else attn_std,
             out_std=self.out_std if self.out_std is not None else out_std,
             fc_std=self.fc_std if self.fc_std is not None else fc_std,
+            attention_impl=self.attention_impl,
         )
         block_cls = ResidualBlock
         if self.remat:

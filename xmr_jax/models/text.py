@@ -6,7 +6,7 @@ Output features are float32 whatever the compute dtype.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -40,6 +40,7 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    attention_impl: Optional[str] = None   # see layers.attention_implementation
 
     @nn.compact
     def __call__(self, token_ids: jax.Array):
@@ -53,11 +54,13 @@ class TextTransformer(nn.Module):
                          (self.context_length, self.width), jnp.float32)
         x = x + pos[:t].astype(self.dtype)
         x = Transformer(self.width, self.layers, self.heads, causal=True, dtype=self.dtype,
-                        remat=self.remat, scan_layers=self.scan_layers, name="transformer")(x)
+                        remat=self.remat, scan_layers=self.scan_layers, attention_impl=self.attention_impl,
+                        name="transformer")(x)
         x = LayerNorm(dtype=self.dtype, name="ln_final")(x)
         proj = self.param("text_projection", nn.initializers.normal(self.width ** -0.5),
                           (self.width, self.output_dim), jnp.float32)
-        tokens = jnp.einsum("btc,cd->btd", x, proj.astype(self.dtype), preferred_element_type=jnp.float32)
+        tokens = jnp.dot(x.reshape(-1, self.width), proj.astype(self.dtype),  # 2-D GEMM (see layers.Dense)
+                         preferred_element_type=jnp.float32).reshape(*x.shape[:2], self.output_dim)
         eot_pos = jnp.argmax(token_ids, axis=-1)
         global_feat = jnp.take_along_axis(tokens, eot_pos[:, None, None], axis=1)[:, 0]
         return global_feat, tokens, text_content_mask(token_ids, self.vocab_size)

@@ -6,7 +6,7 @@ Images are NHWC (already normalized). Output features are float32 whatever the c
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,31 @@ def grid_size(image_size, patch_size: int) -> tuple[int, int]:
     return h // patch_size, w // patch_size
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patch projection without bias, as one [B*gh*gw, p*p*3] x [p*p*3, C] matmul.
+
+    Same parameter as `nn.Conv(C, (p, p), strides=p, use_bias=False)`: "kernel" [p, p, 3, C] (HWIO,
+    LeCun-normal init). images [B, H, W, 3] -> [B, gh*gw, C] (row-major patch order) in `dtype`.
+    (XLA:CPU runs the strided convolution and its kernel gradient, a dilated convolution, several
+    times slower than the equivalent GEMMs.)
+    """
+
+    width: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        p = self.patch_size
+        b, h, w, c = images.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width), jnp.float32)
+        gh, gw = h // p, w // p
+        x = images.astype(self.dtype).reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b * gh * gw, p * p * c)
+        y = jnp.dot(x, kernel.reshape(p * p * c, self.width).astype(self.dtype))
+        return y.reshape(b, gh * gw, self.width)
+
+
 class VisionTransformer(nn.Module):
     """OpenAI CLIP ViT.
 
@@ -52,6 +77,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    attention_impl: Optional[str] = None   # see layers.attention_implementation
 
     @nn.compact
     def __call__(self, images: jax.Array):
@@ -62,10 +88,8 @@ class VisionTransformer(nn.Module):
                 f"encode_image expects NHWC images of shape [B, {h}, {w}, 3], got {tuple(images.shape)}")
         scale = self.width ** -0.5
         p = self.patch_size
-        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                    dtype=self.dtype, param_dtype=jnp.float32, name="conv1")(images.astype(self.dtype))
+        x = PatchEmbed(self.width, p, self.dtype, name="conv1")(images)
         b = x.shape[0]
-        x = x.reshape(b, gh * gw, self.width)
         cls = self.param("class_embedding", nn.initializers.normal(scale), (self.width,), jnp.float32)
         pos = self.param("positional_embedding", nn.initializers.normal(scale),
                          (1 + gh * gw, self.width), jnp.float32)
@@ -73,9 +97,11 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
         x = LayerNorm(dtype=self.dtype, name="ln_pre")(x)
         x = Transformer(self.width, self.layers, self.heads, causal=False, dtype=self.dtype,
-                        remat=self.remat, scan_layers=self.scan_layers, name="transformer")(x)
+                        remat=self.remat, scan_layers=self.scan_layers, attention_impl=self.attention_impl,
+                        name="transformer")(x)
         x = LayerNorm(dtype=self.dtype, name="ln_post")(x)
         proj = self.param("proj", nn.initializers.normal(scale), (self.width, self.output_dim), jnp.float32)
-        tokens = jnp.einsum("btc,cd->btd", x, proj.astype(self.dtype), preferred_element_type=jnp.float32)
+        tokens = jnp.dot(x.reshape(-1, self.width), proj.astype(self.dtype),  # 2-D GEMM (see layers.Dense)
+                         preferred_element_type=jnp.float32).reshape(*x.shape[:2], self.output_dim)
         mask = jnp.broadcast_to(jnp.arange(1 + gh * gw) > 0, (b, 1 + gh * gw))
         return tokens[:, 0], tokens, mask
