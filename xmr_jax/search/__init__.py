@@ -1,0 +1,53 @@
+"""Text-to-image search over a folder of images: build an index once, query it with free text.
+
+    python -m xmr_jax.search index --checkpoint CKPT --images DIR --index gallery.npz
+    python -m xmr_jax.search query --index gallery.npz --text "a woman in a red dress" \
+        [--checkpoint CKPT] [--k 10] [--rerank_k 100] [--grid grid.png] [--ground_truth gt.json]
+
+CKPT is anything `xmr_jax.export.load_for_export` reads (a training workdir with config.json, a
+folder written by `python -m xmr_jax.convert`, a HF CLIPModel folder, an OpenAI CLIP file), or,
+with `--exported DIR`, a `jax/` folder written by `python -m xmr_jax.export --formats jax`.
+
+Image transform: `xmr_jax.image_transform` (= the evaluation transform of
+data_pipelines/preprocess.py, without TensorFlow): RGB -> PIL bilinear resize to the model's (H, W),
+antialiased when shrinking, as IRRA's torchvision transform -> (x / 255 - CLIP_MEAN) / CLIP_STD.
+
+Index: one .npz file (global features, float16 token features + mask, relative paths, JSON meta
+with the model's fingerprint); the format is described in `xmr_jax.search.index`.
+
+Query: captions are tokenized with IRRA's mask-variant CLIP tokenizer (context length from the
+model), encoded, and searched with `xmr_jax.retrieval.topk_search`: two-stage (global top
+`rerank_k`, reranked by s_g + s_l) when the index holds tokens, else global cosine.
+Printed per result: the rank, the score (s_g + s_l when reranked: it grows with the number of
+query words, so compare it only within one query), the global cosine (comparable across queries)
+and the path. A query longer than the context is cut: the CLI says how many tokens were kept.
+Empty queries are rejected. --index, --grid, --ground_truth and --queries_file may be gs:// (or
+any etils.epath) paths. Errors in user input exit with status 2 and a message naming the file or
+parameter. TensorFlow is never imported.
+
+Modules, one job each:
+    encoders.py  `Encoders` from a CLIP module + params or a jax.export folder; weight fingerprint
+    index.py     image listing, gallery encoding (`build_index`), the .npz format, model check
+    query.py     query encoding and ranking (`search`, `SearchResult`)
+    render.py    PNG result grids (`render_grid`, `GridLayout`)
+    cli.py       the command line (`main`)
+"""
+
+from xmr_jax.search.cli import main, read_ground_truth
+from xmr_jax.search.encoders import (Encoders, as_encoders, exported_encoders, load_encoders,
+                                     model_encoders, params_fingerprint)
+from xmr_jax.search.errors import IndexMismatchError, SearchError
+from xmr_jax.search.index import (IMAGE_EXTENSIONS, INDEX_FORMAT, INDEX_VERSION, ImageIndex,
+                                  build_index, check_compatible, list_images, load_image,
+                                  load_index, save_index)
+from xmr_jax.search.query import SearchResult, check_queries, encode_texts, query_token_counts, search
+from xmr_jax.search.render import GREEN, GREY, WHITE, GridLayout, render_grid
+
+__all__ = [
+    "Encoders", "GREEN", "GREY", "GridLayout", "IMAGE_EXTENSIONS", "INDEX_FORMAT", "INDEX_VERSION",
+    "ImageIndex", "IndexMismatchError", "SearchError", "SearchResult", "WHITE", "as_encoders",
+    "build_index", "check_compatible", "check_queries", "encode_texts", "exported_encoders",
+    "list_images", "load_encoders", "load_image", "load_index", "main", "model_encoders",
+    "params_fingerprint", "query_token_counts", "read_ground_truth", "render_grid", "save_index",
+    "search",
+]

@@ -1,0 +1,185 @@
+"""The search CLI: `python -m xmr_jax.search index|query ...` (usage: the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from xmr_jax.search.encoders import Encoders, load_encoders
+from xmr_jax.search.errors import SearchError
+from xmr_jax.search.index import build_index, check_compatible, list_images, load_index, save_index
+from xmr_jax.search.query import query_token_counts, search
+from xmr_jax.search.render import render_grid
+
+
+def read_ground_truth(path: str, texts: Sequence[str]) -> list[list[str]]:
+    """gt json: {query_text: [relative paths]} or a list (one entry per query, in order) of path
+    lists (a bare string counts as one path) -> Q lists of relative paths."""
+    from xmr_jax.logging_utils import as_path
+
+    if not as_path(path).is_file():
+        raise FileNotFoundError(f"--ground_truth {path!r} does not exist")
+    try:
+        data = json.loads(as_path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise SearchError(f"--ground_truth {path!r} is not valid JSON: {e}") from e
+
+    def as_list(value, where: str) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(x, str) for x in value):
+            return list(value)
+        raise SearchError(f"{path}: {where} must be a list of relative image paths, got {value!r}")
+
+    if isinstance(data, dict):
+        missing = [t for t in texts if t not in data]
+        if missing:
+            raise SearchError(f"{path}: no ground truth for query {missing[0]!r} (keys are query texts)")
+        return [as_list(data[t], f"entry {t!r}") for t in texts]
+    if isinstance(data, list):
+        if len(data) != len(texts):
+            raise SearchError(f"{path}: the list has {len(data)} entries but there are {len(texts)} queries")
+        return [as_list(v, f"entry {i}") for i, v in enumerate(data)]
+    raise SearchError(f"{path}: expected a JSON object {{query: [paths]}} or a list of path lists")
+
+
+def _parse_args(argv):
+    import xmr_jax.search as package  # its docstring is the usage text
+
+    p = argparse.ArgumentParser(prog="python -m xmr_jax.search", description=package.__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp, required: bool):
+        g = sp.add_mutually_exclusive_group(required=required)
+        g.add_argument("--checkpoint", help="training workdir, `python -m xmr_jax.convert` folder, HF "
+                                            "CLIPModel folder or OpenAI CLIP file")
+        g.add_argument("--exported", help="a `python -m xmr_jax.export --formats jax` folder")
+        sp.add_argument("--config", default=None, help="configs/x.py[:arg] describing a workdir's model")
+
+    ix = sub.add_parser("index", help="encode a folder of images into an index")
+    model_args(ix, True)
+    ix.add_argument("--images", required=True, help="image folder (searched recursively)")
+    ix.add_argument("--index", required=True, help="output .npz")
+    ix.add_argument("--batch_size", type=int, default=64)
+    ix.add_argument("--no_tokens", action="store_true", help="store global features only")
+    ix.add_argument("--skip_bad_images", action="store_true", help="skip (and count) undecodable images")
+    ix.add_argument("--num_workers", type=int, default=None, help="image decoding threads")
+
+    q = sub.add_parser("query", help="search an index with text")
+    model_args(q, False)
+    q.add_argument("--index", required=True)
+    q.add_argument("--text", action="append", default=[], help="a query (repeatable)")
+    q.add_argument("--queries_file", help="text file, one query per line")
+    q.add_argument("--k", type=int, default=10)
+    q.add_argument("--rerank_k", type=int, default=100)
+    mode = q.add_mutually_exclusive_group()
+    mode.add_argument("--two_stage", dest="two_stage", action="store_true", default=None)
+    mode.add_argument("--global_only", dest="two_stage", action="store_false")
+    q.set_defaults(two_stage=None)
+    q.add_argument("--grid", help="write a PNG grid of the results here")
+    q.add_argument("--thumb", type=int, default=128, help="thumbnail box size in the grid (px)")
+    q.add_argument("--ground_truth", help="json {query: [relative paths]} or a list per query")
+    q.add_argument("--images", help="image folder (default: the one recorded in the index)")
+    q.add_argument("--shard_gallery", action="store_true",
+                   help="shard the gallery over all local devices (two-stage search)")
+    q.add_argument("--allow_other_weights", action="store_true",
+                   help="query an index built from different weights of the same architecture")
+    return p.parse_args(argv)
+
+
+def _load_encoders(args) -> Encoders:
+    return load_encoders(args.checkpoint, args.exported, args.config)
+
+
+def _cmd_index(args, log) -> int:
+    paths = list_images(args.images)
+    enc = _load_encoders(args)
+    log(f"[index] {len(paths)} images in {args.images}; model {enc.description['kind']} "
+        f"embed_dim={enc.embed_dim} image_size={tuple(enc.image_size)}")
+    index = build_index(enc, None, paths, args.images, batch_size=args.batch_size,
+                        with_tokens=not args.no_tokens, skip_bad_images=args.skip_bad_images,
+                        num_workers=args.num_workers, log=log)
+    save_index(index, args.index)
+    skipped = index.meta["skipped"]
+    if skipped:
+        log(f"[index] skipped {len(skipped)} undecodable image(s): {', '.join(skipped[:5])}"
+            + (" ..." if len(skipped) > 5 else ""))
+    tok = f", tokens {index.tokens.shape} float16" if index.has_tokens else ", no tokens"
+    print(f"[index] wrote {len(index)} images (global {index.global_features.shape}{tok}) -> {args.index}")
+    return 0
+
+
+def _read_queries(args) -> list[str]:
+    from xmr_jax.logging_utils import as_path
+
+    empty = [i + 1 for i, t in enumerate(args.text) if not t.strip()]
+    if empty:
+        raise SearchError(f"--text #{empty[0]} is empty: a query needs some words")
+    texts = [t.strip() for t in args.text]
+    if args.queries_file:
+        if not as_path(args.queries_file).is_file():
+            raise FileNotFoundError(f"--queries_file {args.queries_file!r} does not exist")
+        texts += [line.strip() for line in as_path(args.queries_file).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise SearchError("no queries: give --text (repeatable) or --queries_file")
+    return texts
+
+
+def _cmd_query(args, log) -> int:
+    index = load_index(args.index)
+    texts = _read_queries(args)
+    if not args.checkpoint and not args.exported:
+        args.checkpoint = index.meta.get("model", {}).get("source")
+        if not args.checkpoint:
+            raise SearchError("--checkpoint (or --exported) is required: the index records no model source")
+        if index.meta["model"].get("kind") == "jax.export":
+            args.exported, args.checkpoint = args.checkpoint, None
+    enc = _load_encoders(args)
+    check_compatible(index, enc, args.allow_other_weights)
+    image_root = args.images or index.image_root
+    truth = read_ground_truth(args.ground_truth, texts) if args.ground_truth else None
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",)) if args.shard_gallery else None
+    counts = query_token_counts(texts, enc.context_length)
+    wordless = [q + 1 for q, (total, _) in enumerate(counts) if total == 0]
+    if wordless:
+        raise SearchError(f"query {wordless[0]} ({texts[wordless[0] - 1]!r}) has no words the tokenizer keeps")
+    res = search(index, enc, None, texts, k=args.k, rerank_k=args.rerank_k, two_stage=args.two_stage,
+                 check=False, mesh=mesh)
+    mode = f"two-stage (rerank top {min(res.rerank_k, len(index))} by s_g + s_l)" if res.two_stage else "global cosine"
+    for q, (total, kept) in enumerate(counts):
+        if kept < total:
+            log(f"[query] query {q + 1}: {total} tokens, only the first {kept} were used (context length "
+                f"{enc.context_length} incl. start/end); the rest of the query was ignored")
+    if res.two_stage:
+        print("columns: rank, score (s_g + s_l: grows with the query's length, compare within a query), "
+              "global cosine (comparable across queries), path")
+    for q, text in enumerate(texts):
+        total, kept = counts[q]
+        cut = f", cut to {kept} of {total} tokens" if kept < total else ""
+        print(f'query {q + 1}: "{text}"  [{mode}, {len(index)} images{cut}]')
+        for r, (path, score) in enumerate(zip(res.paths[q], res.scores[q])):
+            hit = "  *" if truth is not None and os.path.normpath(path) in {os.path.normpath(p) for p in truth[q]} else ""
+            cosine = f"  {res.cosine[q][r]:7.4f}" if res.two_stage else ""
+            print(f"  {r + 1:3d}  {score:8.4f}{cosine}  {path}{hit}")
+    if args.grid:
+        render_grid(texts, res.paths, res.scores, image_root, args.grid, truth, (args.thumb, args.thumb))
+        print(f"[query] grid -> {args.grid}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry; returns the exit status (2 on bad input, with the message on stderr)."""
+    args = _parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    try:
+        return _cmd_index(args, log) if args.command == "index" else _cmd_query(args, log)
+    except (SearchError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
