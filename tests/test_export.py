@@ -148,11 +148,11 @@ def test_cli_from_converted_folder_and_hf_wiring(tiny, tmp_path, monkeypatch):
 def test_cli_from_training_workdir(tiny, tmp_path):
     """A workdir as xmr_jax.checkpoints writes it; CLIP params under params["base_model"]."""
     from xmr_jax.checkpoints import Checkpointer
-    from xmr_jax.optim import TrainState
+    from xmr_jax.train import TrainState
     model, params = tiny
     full = {"base_model": params, "classifier": {"kernel": jnp.ones((32, 5))}}
     state = TrainState(step=jnp.asarray(7, jnp.int32), params=full,
-                       opt_state={"mu": jax.tree.map(jnp.zeros_like, full)})
+                       opt_state={"mu": jax.tree.map(jnp.zeros_like, full)}, nonfinite=jnp.zeros((), jnp.int32))
     workdir = tmp_path / "run"
     with Checkpointer(str(workdir), keep=2, async_save=False) as ckpt:
         ckpt.save(3, jax.tree.map(lambda x: x * 0, state))
@@ -164,8 +164,12 @@ def test_cli_from_training_workdir(tiny, tmp_path):
     loaded = ex.load_params_for_export(str(workdir))  # newest step (7), not the zeroed step 3
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, params)
-    with pytest.raises(FileNotFoundError, match="no checkpoint for step 5"):
+    with pytest.raises(FileNotFoundError, match=r"^--checkpoint=.*: no checkpoint for step 5 .*saved steps: \[3, 7\]"):
         ex.load_params_for_export(str(workdir), step=5)
+    # one step folder: its params, and the model from the workdir's config.json two levels up
+    step_model, step3 = ex.load_for_export(str(workdir / "checkpoints" / "3"))
+    assert step_model == model.clone(dtype=step_model.dtype)
+    assert all(not np.asarray(x).any() for x in jax.tree.leaves(step3))  # step 3 was saved zeroed
 
     out = tmp_path / "out"
     assert ex.main(["--checkpoint", str(workdir), "--out", str(out), "--formats", "jax",

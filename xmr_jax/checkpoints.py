@@ -1,23 +1,31 @@
-"""Checkpointing (orbax CheckpointManager) and preemption handling.
+"""Checkpoints (orbax CheckpointManager) and preemption handling: the one place that reads and
+writes them.
 
 Layout: ``<workdir>/checkpoints/<step>/{state, meta}``; ``state`` is the train state pytree
-(xmr_jax.optim.TrainState(step, params, opt_state)), ``meta`` an optional JSON dict (config, data
-set sizes, ...). The newest ``keep`` checkpoints are kept.
+(``xmr_jax.train.TrainState(step, params, opt_state, nonfinite)``), ``meta`` an optional JSON dict
+(config, data set sizes, ...). The newest ``keep`` checkpoints are kept.
 
-Intended trainer loop (every process runs the same code)::
+Writing and resuming: ``Checkpointer`` (the trainer). Reading without the trainer (evaluation,
+export, search, converted CLIP folders): ``find_checkpoint`` resolves a workdir, its checkpoints
+folder or one step folder (plus an optional step) to one finished step, and ``load_params`` reads
+only the ``params`` subtree of that step (no template, no optimizer state), onto devices or as
+host numpy arrays. Both use the same orbax API as the trainer: a (read-only) CheckpointManager.
+
+The trainer's loop (xmr_jax.train.train; every process runs the same code)::
 
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    init = sharded_init(model, config, tx, mesh)   # init.abstract: ShapeDtypeStructs with shardings
+    start = ckpt.latest_step() or 0
+    state = ckpt.restore(init.abstract, step=start) if start else init_train_state(...)[0]
     install_signal_handlers()                      # SIGTERM/SIGINT -> flag, no exception
-    abstract = jax.eval_shape(init_state)          # ShapeDtypeStruct tree
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_shardings)
-    state = ckpt.restore(abstract) if ckpt.latest_step() is not None else jitted_init(rng)
-    for step in range(int(state.step), total_steps):
-      state, metrics = train_step(state, batch, rng)
-      if (step + 1) % config.ckpt_every == 0:
-        ckpt.save(step + 1, state)                 # async: returns after the device->host copy
-      if should_stop():                            # a signal arrived (all processes agree)
-        ckpt.save(step + 1, state, force=True)
+    poller = StopPoller()
+    for step in range(start + 1, total_steps + 1):
+      state, metrics = train_step(state, batch)    # train_step(state, batch) -> (state, metrics)
+      stop = poller.poll()                         # a signal arrived (all processes agree)
+      ckpt.check()                                 # a failed background save stops training here
+      if stop or step % config.ckpt_every_steps == 0:
+        ckpt.save(step, state)                     # async: returns after the device->host copy
+      if stop:
         break
     ckpt.close()                                   # waits for pending async writes
     restore_signal_handlers()
@@ -95,25 +103,15 @@ class _HeldBackOrbaxErrors(logging.Filter):
 _ORBAX_ERRORS = _HeldBackOrbaxErrors()
 
 
-class _NoItemMetadataWarning(logging.Filter):
-    """Drops orbax's 'Metadata file does not exist: .../_CHECKPOINT_METADATA' warning: reading one
-    item folder (<step>/state) directly is expected to lack the step-level metadata file."""
+class _ReadOnlyNotice(logging.Filter):
+    """Drops orbax's 'Given directory is read only=...' warning, logged whenever a reader (a
+    read-only CheckpointManager, see `_reader`) is opened: reading is all a reader does."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "_CHECKPOINT_METADATA" not in str(record.getMessage())
+        return "Given directory is read only" not in str(record.getMessage())
 
 
-class item_reader_quiet:  # pylint: disable=invalid-name
-    """Context manager: orbax reads of an item folder without the step metadata warning."""
-
-    _filter = _NoItemMetadataWarning()
-
-    def __enter__(self):
-        logging.getLogger("absl").addFilter(self._filter)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger("absl").removeFilter(self._filter)
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
 
 
 def _hold_back_orbax_errors() -> None:
@@ -316,16 +314,7 @@ class Checkpointer:
 
     # -- restore ---------------------------------------------------------------------------------
     def _resolve_step(self, step: int | None) -> int:
-        steps = self._mngr.all_steps()
-        if step is None:
-            if not steps:
-                raise FileNotFoundError(f"no checkpoint found in {self.directory}")
-            return max(steps)
-        if int(step) not in steps:
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; saved steps: {sorted(steps)}"
-            )
-        return int(step)
+        return _pick_step(self._mngr.all_steps(), step, self.directory)
 
     def check_compatible(self, template: PyTree, step: int | None = None) -> None:
         """Raises CheckpointMismatchError naming parameters whose presence or shape differs."""
@@ -370,77 +359,156 @@ class Checkpointer:
         return dict(out["meta"] or {})
 
 
-def _resolve_step_dir(path: str, step: int | None) -> tuple[str, int]:
-    """Accepts a step folder (<..>/checkpoints/<step>), a checkpoints folder, or a workdir."""
+# ----------------------------------------------------------------------------------------------
+# Readers: one step resolver and one orbax API (a read-only CheckpointManager) for every tool that
+# reads a checkpoint without the trainer (evaluation, export, search, converted CLIP folders).
+# ----------------------------------------------------------------------------------------------
+
+_EXPECTED = ("expected a training workdir (holding checkpoints/<step>/state), its checkpoints "
+             "folder, or one checkpoints/<step> folder")
+
+
+def _where(path: Any, flag: str | None) -> str:
+    return f"{flag}={path}" if flag else f"checkpoint path {path}"
+
+
+def _pick_step(steps: Iterable[int], step: int | None, directory: Any, flag: str | None = None,
+               path: Any = None) -> int:
+    """`step` if it is one of `steps`, the newest of `steps` when `step` is None; else
+    FileNotFoundError naming the folder (and the flag and `path` it came from) and the saved steps."""
+    steps = sorted(int(s) for s in steps)
+    prefix = f"{flag}={path if path is not None else directory}: " if flag else ""
+    if not steps:
+        raise FileNotFoundError(f"{prefix}no checkpoint found in {directory}: expected step folders "
+                                "<step>/state written by xmr_jax.checkpoints.Checkpointer")
+    if step is None:
+        return steps[-1]
+    if int(step) not in steps:
+        raise FileNotFoundError(f"{prefix}no checkpoint for step {step} in {directory}; saved steps: {steps}")
+    return int(step)
+
+
+def _checkpoints_folder(path: Any, step: int | None, flag: str | None) -> tuple[Any, int | None]:
+    """(the checkpoints folder, the step a step-folder path names or `step`) for a workdir, its
+    checkpoints folder or one step folder. Reads folder names only."""
     p = logging_utils.as_path(path)
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint path {p} does not exist")
+        raise FileNotFoundError(f"{_where(p, flag)} does not exist: {_EXPECTED}")
     if not p.is_dir():
-        raise FileNotFoundError(f"checkpoint path {p} is a file, not a checkpoint folder (a workdir, its "
-                                "checkpoints folder or one <step> folder)")
-    if (p / "state").is_dir():
+        raise FileNotFoundError(f"{_where(p, flag)} is a file: {_EXPECTED}")
+    if (p / "state").is_dir():  # one step folder
         if not p.name.isdigit():
-            raise FileNotFoundError(f"{p} holds a 'state' folder but is not named by a step number")
+            raise FileNotFoundError(f"{_where(p, flag)} holds a 'state' folder but is not named by a "
+                                    f"step number: {_EXPECTED}")
         if step is not None and int(step) != int(p.name):
-            raise ValueError(f"checkpoint path {p} is step {p.name}, but step={step} was requested")
-        return str(p), int(p.name)
+            raise ValueError(f"{_where(p, flag)} is step {p.name}, but step {step} was requested")
+        return p.parent, int(p.name)
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
-    steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").is_dir())
-    if not steps:
-        raise FileNotFoundError(
-            f"no checkpoint in {p}: expected step folders <step>/state written by "
-            "xmr_jax.checkpoints.Checkpointer"
-        )
-    if step is None:
-        step = steps[-1]
-    elif int(step) not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {p}; saved steps: {steps}")
-    return str(p / str(int(step))), int(step)
+    return p, step
 
 
-def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
-    """(step folder, step) of the checkpoint `load_params` would read; reads no array. Raises
-    FileNotFoundError saying what was expected."""
-    return _resolve_step_dir(path, step)
+def is_checkpoint_path(path: Any) -> bool:
+    """True when `path` is a folder that `find_checkpoint` would search: a workdir with a
+    checkpoints folder, or one <step> folder holding a 'state' item (reads folder names only)."""
+    p = logging_utils.as_path(path)
+    return p.is_dir() and ((p / "checkpoints").is_dir() or (p / "state").is_dir())
 
 
-def load_params(path: str, step: int | None = None, sharding=None) -> tuple[PyTree, int]:
-    """Reads only the ``params`` subtree of a saved train state (no template, no optimizer state).
+class _reader:  # pylint: disable=invalid-name
+    """Context manager: a read-only orbax CheckpointManager on a checkpoints folder.
 
-    path: a workdir, its ``checkpoints`` folder, or one step folder; step: default the latest.
-    sharding: a jax.sharding.Sharding for every leaf, or a callable (shape -> Sharding);
-    default replicated over all devices. Returns (params as a nested dict of jax.Array, step).
+    Lists the finished steps exactly as the trainer's Checkpointer does (unfinished
+    `*.orbax-checkpoint-tmp*` folders, and on object stores steps without a commit marker, are not
+    steps) and restores any part of the ``state`` item (PyTreeRestore with partial_restore) or the
+    ``meta`` item. Creates, removes and writes nothing.
     """
-    step_dir, step = _resolve_step_dir(path, step)
-    state_dir = logging_utils.join(step_dir, "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    with item_reader_quiet():
-        meta = checkpointer.metadata(state_dir)
-    meta = getattr(meta, "item_metadata", meta)
-    meta = getattr(meta, "tree", meta)
-    if not isinstance(meta, Mapping) or "params" not in meta:
-        raise CheckpointMismatchError(f"checkpoint {state_dir} has no 'params' entry at its top level")
+
+    def __init__(self, directory: Any):
+        self.directory = directory
+
+    def __enter__(self) -> ocp.CheckpointManager:
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
+        registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_READ_ONLY_NOTICE)
+        try:
+            self._mngr = ocp.CheckpointManager(logging_utils.path_str(self.directory), options=options,
+                                              handler_registry=registry)
+        finally:
+            absl_logger.removeFilter(_READ_ONLY_NOTICE)
+        return self._mngr
+
+    def __exit__(self, *exc):
+        self._mngr.close()
+
+
+def find_checkpoint(path: Any, step: int | None = None, *, flag: str | None = None) -> tuple[str, int]:
+    """The one step resolver: (step folder, step) of the checkpoint `load_params` reads.
+
+    path: a training workdir (``<path>/checkpoints/<step>/state``), its ``checkpoints`` folder, or
+    one ``<step>`` folder; step: which step (default the newest finished one; with a step folder
+    it must be None or that folder's step). flag: the command-line flag `path` came from (e.g.
+    "--checkpoint"), named in the error. Reads no array. Raises FileNotFoundError saying what was
+    found and what was expected.
+    """
+    directory, step = _checkpoints_folder(path, step, flag)
+    with _reader(directory) as mngr:
+        step = _pick_step(mngr.all_steps(), step, directory, flag, path)
+    return logging_utils.join(directory, str(step)), step
+
+
+def _restore_args(meta: PyTree, sharding, host: bool) -> tuple[PyTree, PyTree]:
+    """(item, restore_args) trees for a PyTreeRestore of the tree described by `meta`."""
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    if host:
+        item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta, is_leaf=is_leaf)
+        return item, jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     if sharding is None:
         sharding = _replicated_all()
     pick = sharding if callable(sharding) else (lambda shape: sharding)
-    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-    abstract = jax.tree.map(
+    item = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=pick(tuple(m.shape))),
-        meta["params"],
-        is_leaf=is_leaf,
-    )
-    restore_args = jax.tree.map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract
-    )
-    with item_reader_quiet():
-        out = checkpointer.restore(
-            state_dir,
-            args=ocp.args.PyTreeRestore(
-                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True
-            ),
-        )
-    return out["params"], step
+        meta, is_leaf=is_leaf)
+    args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), item)
+    return item, args
+
+
+def load_params(path: Any, step: int | None = None, sharding=None, *, host: bool = False,
+                flag: str | None = None) -> tuple[PyTree, int]:
+    """Reads only the ``params`` subtree of a saved train state (no template, no optimizer state).
+
+    path, step, flag: as `find_checkpoint` (the same resolver). sharding: a
+    jax.sharding.Sharding for every leaf, or a callable (shape -> Sharding); default replicated
+    over all devices. host: return numpy arrays on the host instead (no device placement, so a
+    checkpoint written on any mesh loads in a single CPU process; `sharding` is then unused).
+    Returns (params as a nested dict of jax.Array or numpy arrays, step).
+    """
+    directory, step = _checkpoints_folder(path, step, flag)
+    with _reader(directory) as mngr:
+        step = _pick_step(mngr.all_steps(), step, directory, flag, path)
+        meta = mngr.item_metadata(step)["state"]
+        meta = getattr(meta, "tree", meta)
+        if not isinstance(meta, Mapping) or "params" not in meta:
+            raise CheckpointMismatchError(
+                f"checkpoint {logging_utils.join(directory, str(step), 'state')} "
+                "has no 'params' entry at its top level")
+        item, restore_args = _restore_args(meta["params"], sharding, host)
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": item}, restore_args={"params": restore_args}, partial_restore=True)))
+    return out["state"]["params"], step
+
+
+def save_params(workdir: Any, params: PyTree, step: int = 0, metadata: Mapping[str, Any] | None = None) -> str:
+    """Writes ``{"params": params}`` as checkpoint `step` of ``<workdir>/checkpoints`` (the
+    trainer's layout, read back by `load_params`); synchronous. Returns the step folder."""
+    with Checkpointer(workdir, keep=None, async_save=False) as ckpt:
+        if not ckpt.save(step, {"params": params}, metadata=metadata):
+            raise FileExistsError(f"{ckpt.directory} already holds checkpoint step {step}")
+        return logging_utils.join(ckpt.directory, str(step))
 
 
 # ----------------------------------------------------------------------------------------------

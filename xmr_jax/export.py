@@ -303,80 +303,45 @@ def _find_clip_params(tree: Any, where: str) -> Mapping[str, Any]:
         f"top-level keys: {sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__}")
 
 
-def _step_dirs(folder: str) -> list[str]:
-    from xmr_jax.logging_utils import as_path
-
-    return sorted((d.name for d in as_path(folder).iterdir() if d.name.isdigit() and d.is_dir()), key=int)
-
-
-def _restore_numpy(path: str) -> Any:
-    """Restores an orbax PyTree checkpoint folder as a tree of host numpy arrays (no shardings, so
-    a checkpoint written on any mesh/device count loads on one CPU)."""
-    import orbax.checkpoint as ocp
-
-    from xmr_jax.checkpoints import item_reader_quiet
-    from xmr_jax.logging_utils import path_str
-    path = path_str(path)
-    with ocp.PyTreeCheckpointer() as ckptr, item_reader_quiet():
-        meta = ckptr.metadata(path)
-        meta = getattr(meta, "item_metadata", meta)
-        meta = getattr(meta, "tree", meta)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta,
-                                    is_leaf=lambda x: hasattr(x, "shape"))
-        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
-def is_training_workdir(path: str) -> bool:
-    """True for a training workdir (`<path>/checkpoints/<step>/state`, xmr_jax.checkpoints)."""
-    from xmr_jax.logging_utils import as_path
-
-    return (as_path(path) / "checkpoints").is_dir()
-
-
 def load_params_for_export(path: str, step: int | None = None) -> Mapping[str, Any]:
-    """CLIP params (the dual-encoder sub-tree) from a training workdir, as host numpy arrays.
+    """CLIP params (the dual-encoder sub-tree) from a training checkpoint, as host numpy arrays.
 
-    Layout assumed (xmr_jax/checkpoints.py): `<path>/checkpoints/<step>/state` is an orbax
-    StandardSave of `xmr_jax.optim.TrainState(step, params, opt_state)`; the family model keeps
-    the CLIP towers under `params["base_model"]` (IRRA; TGDT likewise). Rather than hard-coding
-    the key, the first sub-tree of `params` holding both `visual` and `text` is returned, so a
-    bare CLIP state works too. `path` may also be `<workdir>/checkpoints` or one step folder.
+    Reads only the `params` of the train state (`xmr_jax.checkpoints.load_params`, host=True:
+    no optimizer state, no device placement, so a checkpoint written on any mesh loads on one
+    CPU). The family model keeps the CLIP towers under `params["base_model"]` (IRRA; TGDT
+    likewise); rather than hard-coding the key, the first sub-tree of `params` holding both
+    `visual` and `text` is returned, so a bare CLIP train state works too.
 
     Args:
-      path: the workdir (or its checkpoints folder, or a step folder).
+      path: a training workdir, its checkpoints folder, or one step folder (--checkpoint).
       step: which step; default the newest.
     Returns:
       {"visual": ..., "text": ...} float32 numpy params for `xmr_jax.models.clip.CLIP`.
     """
-    from xmr_jax.logging_utils import as_path
+    from xmr_jax import checkpoints
 
-    if not as_path(path).is_dir():
-        raise FileNotFoundError(f"training workdir {path!r} does not exist")
-    root = as_path(path) / "checkpoints" if is_training_workdir(path) else as_path(path)
-    if (root / "state").is_dir():  # a step folder itself
-        step_dir = root
-    else:
-        steps = _step_dirs(str(root))
-        if not steps:
-            raise FileNotFoundError(f"{root}: no checkpoint step folders (expected <step>/state)")
-        if step is not None and str(step) not in steps:
-            raise FileNotFoundError(f"{root}: no checkpoint for step {step}; saved steps: {steps}")
-        step_dir = root / (str(step) if step is not None else steps[-1])
-    state_dir = str(step_dir / "state")
-    if not as_path(state_dir).is_dir():
-        raise FileNotFoundError(f"{step_dir}: no 'state' item (written by xmr_jax.checkpoints)")
-    state = _restore_numpy(state_dir)
-    params = state.get("params", state) if isinstance(state, Mapping) else state
-    return _find_clip_params(params, state_dir)
+    params, step = checkpoints.load_params(path, step, host=True, flag="--checkpoint")
+    return _find_clip_params(params, f"--checkpoint={path} (step {step})")
+
+
+def _workdir_of(checkpoint: str) -> str:
+    """The training workdir of a checkpoint path (a workdir, its checkpoints folder or one step
+    folder): where its config.json lives."""
+    from xmr_jax import checkpoints
+    from xmr_jax.logging_utils import as_path, path_str
+
+    step_dir, _ = checkpoints.find_checkpoint(checkpoint, flag="--checkpoint")
+    return path_str(as_path(step_dir).parent.parent)
 
 
 def load_for_export(checkpoint: str, config_spec: str | None = None):
     """(CLIP model, params) for the export CLI.
 
-    checkpoint: a training workdir (see `load_params_for_export`; the model comes from --config
-      or else the workdir's config.json `model.clip`), or anything `xmr_jax.convert.load_clip`
+    checkpoint: a training checkpoint (a workdir, its checkpoints folder or one step folder, see
+      `load_params_for_export`; the model comes from --config or else the workdir's config.json
+      `model.clip`), or anything `xmr_jax.convert.load_clip`
       reads: a folder written by `python -m xmr_jax.convert` (xmr_clip.json + params.msgpack or
-      params/), its params.msgpack file, a Hugging Face CLIPModel folder, an OpenAI CLIP file.
+      checkpoints/0/), its params.msgpack file, a Hugging Face CLIPModel folder, an OpenAI CLIP file.
     config_spec: `configs/x.py[:args]`; its `model.clip` builds the model for a workdir.
     The model computes in float32 (the training precision is not applied to the export).
     """
@@ -386,12 +351,15 @@ def load_for_export(checkpoint: str, config_spec: str | None = None):
         raise FileNotFoundError(
             f"--checkpoint {checkpoint!r} does not exist (expected a training workdir, a folder "
             "written by `python -m xmr_jax.convert`, a HF CLIPModel folder or an OpenAI CLIP file)")
-    if as_path(checkpoint).is_dir() and (is_training_workdir(checkpoint)
-                                         or (as_path(checkpoint) / "state").is_dir()):
+    from xmr_jax import checkpoints
+    from xmr_jax.convert import META_FILE as CONVERTED_META
+
+    if checkpoints.is_checkpoint_path(checkpoint) and not (as_path(checkpoint) / CONVERTED_META).is_file():
         params = load_params_for_export(checkpoint)
-        model = build_model(config_spec, checkpoint)
+        model = build_model(config_spec, _workdir_of(checkpoint))
         return model, params
     from xmr_jax.convert import load_clip
+
     if os.path.basename(checkpoint) == PARAMS_FILE:
         checkpoint = os.path.dirname(checkpoint) or "."
     model, params = load_clip(checkpoint)

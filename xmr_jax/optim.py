@@ -26,9 +26,7 @@ Everything is built from the ``config.optim`` ConfigDict (see ``default_irra_opt
 Effective learning rate of a parameter at optimizer step ``s`` (0-based; the s-th update):
 ``lr * lr_mult(param) * factor(s)``, where ``factor`` is the schedule factor (``schedule_factor``).
 
-The train state is ``TrainState(step, params, opt_state)`` (a flax.struct dataclass, a pure pytree
-that checkpoints.Checkpointer saves and restores): ``create_train_state(params, tx)`` and
-``apply_gradients(state, grads, tx)``.
+The train state that holds the optimizer state is ``xmr_jax.train.TrainState``.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -359,29 +356,3 @@ def learning_rates(optim_cfg: Any, params: PyTree, step: int, steps_per_epoch: i
 def weight_decays(optim_cfg: Any, params: PyTree) -> PyTree:
     """Pytree (structure of ``params``) of python floats: each parameter's weight decay."""
     return param_group_trees(optim_cfg, params)[1]
-
-
-# ----------------------------------------------------------------------------------------------
-# Train state
-# ----------------------------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class TrainState:
-    """step: int32 scalar (number of updates applied); params; opt_state (optax state pytree)."""
-
-    step: jax.Array
-    params: PyTree
-    opt_state: PyTree
-
-
-def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
-    """New state at step 0. Works under jax.jit / jax.eval_shape (for abstract states)."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
-def apply_gradients(state: TrainState, grads: PyTree, tx: optax.GradientTransformation) -> TrainState:
-    """One optimizer update: returns the state with step + 1, new params and opt_state."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state)

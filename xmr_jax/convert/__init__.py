@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from xmr_jax.convert.core import (CheckpointMismatchError, adapt_params, canonical_params, check_params,
@@ -35,7 +36,8 @@ _RUNTIME_FIELDS = ("dtype", "remat", "scan_layers")
 def save_converted(model: CLIP, params, out_dir: str, fmt: str = "msgpack") -> str:
     """Write `params` (canonical: float32, unstacked) + xmr_clip.json (model fields) to `out_dir`.
 
-    fmt "msgpack": params.msgpack (flax.serialization); "orbax": params/ (orbax StandardCheckpointer).
+    fmt "msgpack": params.msgpack (flax.serialization); "orbax": checkpoints/0/ (the trainer's
+    checkpoint layout, written by `xmr_jax.checkpoints.save_params` as {"params": params}).
     Read back with `load_clip(out_dir)`. Returns out_dir.
     """
     if fmt not in ("msgpack", "orbax"):
@@ -52,11 +54,15 @@ def save_converted(model: CLIP, params, out_dir: str, fmt: str = "msgpack") -> s
         with open(os.path.join(out_dir, "params.msgpack"), "wb") as fh:
             fh.write(serialization.msgpack_serialize(params))
     else:
-        import orbax.checkpoint as ocp
+        from xmr_jax import checkpoints
 
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(out_dir, "params"), params, force=True)
-        ckptr.wait_until_finished()
+        old = os.path.join(out_dir, "checkpoints")
+        if os.path.isdir(old):  # replaced, as params.msgpack is, when it is an earlier conversion's
+            if not os.path.isfile(os.path.join(out_dir, META_FILE)):
+                raise FileExistsError(f"{out_dir} holds a checkpoints folder that no conversion wrote "
+                                      f"(no {META_FILE}); choose another output folder")
+            shutil.rmtree(old)
+        checkpoints.save_params(out_dir, params)
     with open(os.path.join(out_dir, META_FILE), "w") as fh:
         json.dump({"format": FORMAT_NAME, "version": 1, "params_format": fmt, "fields": fields}, fh, indent=2)
     return out_dir
@@ -78,9 +84,13 @@ def _load_converted(folder: str, image_size, overrides):
         fields["dtype"] = parse_dtype(fields["dtype"])
     model = CLIP(**fields)
     if meta.get("params_format") == "orbax":
-        import orbax.checkpoint as ocp
+        from xmr_jax import checkpoints
 
-        params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(folder), "params"))
+        if not os.path.isdir(os.path.join(folder, "checkpoints")):
+            raise FileNotFoundError(
+                f"{folder}: {META_FILE} says params_format 'orbax' but there is no checkpoints/ folder "
+                "(folders converted by earlier versions kept params/; convert the source again)")
+        params, _ = checkpoints.load_params(folder, host=True)
     else:
         from flax import serialization
 

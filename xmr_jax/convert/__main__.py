@@ -3,7 +3,7 @@
     python -m xmr_jax.convert --input ViT-B-16.pt --output ckpt/clip_b16_384x128 --image_size 384,128
     python -m xmr_jax.convert --input hf_clip_folder --output out --format orbax
 
-Writes OUT/xmr_clip.json (model fields) and OUT/params.msgpack (or OUT/params/ for orbax); read back
+Writes OUT/xmr_clip.json (model fields) and OUT/params.msgpack (or OUT/checkpoints/0/ for orbax); read back
 with `xmr_jax.convert.load_clip(OUT)`.
 """
 
@@ -45,10 +45,10 @@ def main(argv=None) -> int:
                                    ("source_image_size", args.source_image_size)) if v}
     try:
         model, params = load_clip(args.input, image_size=args.image_size, **overrides)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+        save_converted(model, params, args.output, fmt=args.format)
+    except (ValueError, OSError, ImportError) as e:  # OSError: FileNotFoundError, FileExistsError, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save_converted(model, params, args.output, fmt=args.format)
     f = model.fields()
     print(f"wrote {args.output}: image {f['image_size']} patch {f['patch_size']} vision {f['vision_width']}x"
           f"{f['vision_layers']} text {f['text_width']}x{f['text_layers']} embed {f['embed_dim']} ({args.format})")
