@@ -50,6 +50,11 @@ def _expected(name: str, manual_dir: Path, annotation: str | None = None) -> dic
     return out
 
 
+def _tree(path: Path) -> list[str] | None:
+    """Every file and folder under `path` (relative), or None when `path` does not exist."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else None
+
+
 def _assert_no_dataset(name: str, data_dir: Path) -> None:
     """A failed build must leave neither a version folder nor a temporary folder behind."""
     builder = build.builder_class(name)(data_dir=str(data_dir))
@@ -59,13 +64,16 @@ def _assert_no_dataset(name: str, data_dir: Path) -> None:
 
 
 def _fail(name, manual_dir, data_dir, error, *patterns, **kw):
-    """Builds, expects `error`, checks every regex in patterns is in the message and no data left."""
+    """Builds, expects `error`, checks every regex in patterns is in the message and that the data
+    dir is exactly as before: no data set, and no new (empty or partial) folder either."""
+    before = _tree(data_dir)
     with pytest.raises(error) as info:
         build.build(name, manual_dir, data_dir, **kw)
     message = str(info.value)
     for p in patterns:
         assert re.search(p, message), f"{p!r} not in {message!r}"
     _assert_no_dataset(name, data_dir)
+    assert _tree(data_dir) == before
     return message
 
 
@@ -191,6 +199,7 @@ def test_missing_or_empty_manual_dir(tmp_path, empty, capsys):
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
     _assert_no_dataset("coco_karpathy", tmp_path / "d")
+    assert not (tmp_path / "d").exists()  # TFDS had created d/, d/downloads/extracted/, d/coco_karpathy/
     argv = ["--dataset", "rstpreid", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "d")]
     assert build.main(argv) == 2
     assert "data_captions.json" in capsys.readouterr().err
@@ -313,3 +322,41 @@ def test_split_left_empty_is_an_error(tmp_path):
     data = [r for r in json.loads(path.read_text()) if r["split"] == "train"]
     path.write_text(json.dumps(data))
     _fail("icfg_pedes", manual, tmp_path / "d", ann.AnnotationError, r"split 'test' has no usable image")
+
+
+def test_failed_build_leaves_the_data_dir_as_it_was(tmp_path, capsys):
+    """Bad annotation / missing image folder / bad image into a data dir that already holds a data
+    set and the user's own files: nothing added, nothing removed; through the CLI too."""
+    data_dir = tmp_path / "tfds"
+    build.build("rstpreid", fixtures.write_rstpreid(tmp_path / "ok"), data_dir)
+    (data_dir / "downloads" / "manual").mkdir(parents=True)
+    (data_dir / "downloads" / "manual" / "notes.txt").write_text("mine")
+    (data_dir / "cuhk_pedes").mkdir()  # an empty folder the user made: it existed, it stays
+    before = _tree(data_dir)
+    manual = fixtures.write_cuhk_pedes(tmp_path / "m")
+    good = (manual / "reid_raw.json").read_text()
+    (manual / "reid_raw.json").write_text(good.replace('"id"', '"pid"', 1))
+    _fail("cuhk_pedes", manual, data_dir, ann.AnnotationError, "missing field 'id'")
+    (manual / "reid_raw.json").write_text(good)
+    sorted((manual / "imgs").rglob("*.*"))[0].write_bytes(b"not an image")
+    _fail("cuhk_pedes", manual, data_dir, ann.BadImageError, "cannot be decoded")
+    manual = fixtures.write_coco_karpathy(tmp_path / "c")
+    (manual / "val2014").rename(manual / "val")
+    argv = ["--dataset", "coco_karpathy", "--manual_dir", str(manual), "--data_dir", str(data_dir)]
+    assert build.main(argv) == 2
+    assert "val2014" in capsys.readouterr().err
+    assert _tree(data_dir) == before
+
+
+def test_remove_created_folders_keeps_files(tmp_path):
+    from data_pipelines.builders.clean_failure import remove_created_folders
+    from etils import epath
+
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "keep").mkdir()
+    (tmp_path / "a" / "keep" / "user.txt").write_text("x")
+    (tmp_path / "a" / "ds" / ".config").mkdir(parents=True)
+    (tmp_path / "a" / "ds" / ".config" / "metadata.json").write_text("{}")  # TFDS' own
+    remove_created_folders([epath.Path(tmp_path / "a")])
+    assert _tree(tmp_path) == ["a", "a/keep", "a/keep/user.txt"]
+    remove_created_folders([epath.Path(tmp_path / "nothing_here")])  # absent: no error

@@ -135,3 +135,18 @@ def test_build_rejects_bad_arguments(tmp_path):
         sp.build(str(tmp_path), "custom", colour=3)
     with pytest.raises(ValueError, match="num_train_ids must be >= 1"):
         sp.build(str(tmp_path), "custom", num_train_ids=0)
+
+
+def test_failed_build_leaves_no_folders(tmp_path):
+    """A config that fails inside TFDS' build (after TFDS made data_dir/, downloads/,
+    synthetic_people/.config/) leaves no folder behind; the data dir's other content stays."""
+    bad = sp.SyntheticPeopleConfig(name="broken", version="1.0.0", description="x", num_train_ids=0)
+    with pytest.raises(ValueError, match="num_train_ids must be >= 1"):
+        sp.SyntheticPeople(data_dir=str(tmp_path / "d"), config=bad).download_and_prepare()
+    assert not (tmp_path / "d").exists()
+    (tmp_path / "d2" / "other").mkdir(parents=True)
+    (tmp_path / "d2" / "other" / "x.txt").write_text("mine")
+    with pytest.raises(ValueError, match="num_train_ids must be >= 1"):
+        sp.SyntheticPeople(data_dir=str(tmp_path / "d2"), config=bad).download_and_prepare()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "d2", "d2/other", "d2/other/x.txt"]

@@ -2,7 +2,8 @@
 
 Use: `class CuhkPedes(ManualRetrievalBuilder, tfds.core.GeneratorBasedBuilder)`. All parsing and
 image checks run in `_split_generators`, i.e. before TFDS writes a single example; TFDS builds in
-a temporary folder that is deleted on any error, so a failed build leaves no data set behind.
+a temporary folder that is deleted on any error, and CleanFailureMixin removes the empty folders
+TFDS made before that, so a failed build leaves the data dir as it was.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any, Iterator
 import tensorflow_datasets as tfds
 
 from data_pipelines.builders import annotations as ann
+from data_pipelines.builders.clean_failure import CleanFailureMixin
 from data_pipelines import features as schema
 
 
-class ManualRetrievalBuilder:
+class ManualRetrievalBuilder(CleanFailureMixin):
     """Shared _info / _split_generators / _generate_examples of the five real-data builders.
 
     Subclasses set: VERSION, RELEASE_NOTES, MANUAL_DOWNLOAD_INSTRUCTIONS (the layout),

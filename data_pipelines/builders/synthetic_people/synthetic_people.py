@@ -26,6 +26,7 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_pipelines.builders.clean_failure import CleanFailureMixin
 from data_pipelines.builders.synthetic_people import captions as captions_lib
 from data_pipelines.builders.synthetic_people import draw
 from data_pipelines.features import retrieval_features
@@ -72,7 +73,7 @@ BUILDER_CONFIGS = [
 ]
 
 
-class SyntheticPeople(tfds.core.GeneratorBasedBuilder):
+class SyntheticPeople(CleanFailureMixin, tfds.core.GeneratorBasedBuilder):
     """Synthetic text-to-image person retrieval data (one example per image)."""
 
     VERSION = tfds.core.Version("1.0.0")
