@@ -252,6 +252,32 @@ def test_cmc_hand_case():
     np.testing.assert_allclose(float(losses.cmc_loss(img, txt, local)), 0.1, **TOL)
 
 
+def _sum_hinge_ref(s, positive, margin):
+    """Hinge of every negative pair against both of its positives, written as loops."""
+    n = s.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            if i != j and not positive[i, j]:
+                total += max(0.0, margin + s[i, j] - s[i, i]) + max(0.0, margin + s[i, j] - s[j, j])
+    return total
+
+
+def test_cmc_sum_negatives_matches_reference():
+    img, txt, local = _feats(30), _feats(31), _local(32)
+    positive = REPEATED_PIDS[:, None] == REPEATED_PIDS[None, :]
+    got = losses.cmc_loss(img, txt, local, margin=0.3, slack=0.1, positive_mask=positive, negatives="sum")
+    v, t = _unit(img), _unit(txt)
+    intra = _cmc_ref(img, txt, local, 0.3, 0.1, positive) - _hinge_ref(v @ t.T, positive, 0.3) - _hinge_ref(
+        np.asarray(local, np.float64), positive, 0.3)
+    want = _sum_hinge_ref(v @ t.T, positive, 0.3) + intra + _sum_hinge_ref(np.asarray(local, np.float64), positive, 0.3)
+    np.testing.assert_allclose(float(got), want, **TOL)
+    hardest = losses.cmc_loss(img, txt, local, margin=0.3, slack=0.1, positive_mask=positive)
+    assert float(got) > float(hardest) + 1e-3  # summing over all negatives is a different loss
+    with pytest.raises(ValueError, match="negatives"):
+        losses.cmc_loss(img, txt, local, negatives="semi_hard")
+
+
 def test_cmc_shape_errors():
     img, txt = _feats(20), _feats(21)
     with pytest.raises(ValueError, match="local_sim"):

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import Mesh
 
 from xmr_jax import retrieval
-from xmr_jax.similarity import local_similarity
+from xmr_jax.similarity import global_similarity, local_similarity
 
 
 def _norm(x):
@@ -56,6 +56,12 @@ def _problem(seed, n_q, n_g, direction, d=8):
     return qg, qt, qm, gg, gt, gm
 
 
+def _exhaustive_two_stage(qg, qt, qm, gg, gt, gm, direction):
+    """s_g + s_l for all pairs [Nq, Ng]: the ranking two-stage search gives with k >= Ng."""
+    return (global_similarity(qg, gg)
+            + retrieval.exhaustive_local(qt, qm, gt, gm, direction, local_scale=10.0))
+
+
 def _ranking(scores):
     return np.argsort(-np.asarray(scores), axis=1, kind="stable")
 
@@ -101,7 +107,7 @@ def test_outside_topk_keeps_global_order_even_if_local_is_better():
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_k_at_least_gallery_equals_exhaustive(direction):
     qg, qt, qm, gg, gt, gm = _problem(1, 9, 13, direction)
-    exhaustive = retrieval.exhaustive_two_stage_equivalent(qg, qt, qm, gg, gt, gm, direction)
+    exhaustive = _exhaustive_two_stage(qg, qt, qm, gg, gt, gm, direction)
     rows = retrieval.two_stage_scores(qg, qt, qm, gg, gt, gm, k=50, direction=direction)
     np.testing.assert_array_equal(_ranking(rows), _ranking(exhaustive))
     want, _ = _np_two_stage(qg, qt, qm, gg, gt, gm, 13, direction)
@@ -114,8 +120,7 @@ def test_exhaustive_local_direction():
     np.testing.assert_allclose(np.asarray(t2i), np.asarray(local_similarity(gt, gm, qt, qm, 3.0)).T)
     i2t = retrieval.exhaustive_local(gt, gm, qt, qm, "i2t", local_scale=3.0)
     np.testing.assert_allclose(np.asarray(i2t), np.asarray(t2i).T, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(retrieval.exhaustive_global(qg, gg)),
-                               _norm(qg) @ _norm(gg).T, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(global_similarity(qg, gg)), _norm(qg) @ _norm(gg).T, atol=1e-6)
 
 
 @pytest.mark.parametrize("direction,n_g,k", [("t2i", 29, 6)])
@@ -125,7 +130,7 @@ def test_sharded_over_8_devices_equals_single_device(direction, n_g, k):
     qg, qt, qm, gg, gt, gm = _problem(3, 10, n_g, direction)
     rows, (ci, cs) = retrieval.two_stage_scores(qg, qt, qm, gg, gt, gm, k=k, direction=direction,
                                                 return_candidates=True, query_chunk=3)
-    srows, (sci, scs) = retrieval.sharded_two_stage_scores(
+    srows, (sci, scs) = retrieval.two_stage_scores(
         qg, qt, qm, gg, gt, gm, k=k, direction=direction, mesh=mesh, return_candidates=True,
         query_chunk=3)
     assert srows.shape == (10, n_g)
@@ -190,7 +195,7 @@ def _padded_problem(seed, n_q, n_g, direction, d=8):
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_prepared_normalized_compacted_equals_exhaustive(direction):
     qg, qt, qm, gg, gt, gm = _padded_problem(6, 9, 13, direction)
-    want = retrieval.exhaustive_two_stage_equivalent(qg, qt, qm, gg, gt, gm, direction)
+    want = _exhaustive_two_stage(qg, qt, qm, gg, gt, gm, direction)
     q = retrieval.prepare_features(qg, qt, qm)
     g = retrieval.prepare_features(gg, gt, gm)
     assert q.tokens.shape[1] == qt.shape[1] - 4 and g.tokens.shape[1] == gt.shape[1] - 4
@@ -255,7 +260,8 @@ def test_text_candidates_kernel_equals_gathered(monkeypatch, rows, per_step, cpu
     monkeypatch.setattr(similarity, "_on_cpu", lambda: cpu)   # the accelerator (batched) path too
     img, im, txt, tm, cand = _cand_case(9)
     tm[2] = [False, True, False, True, True]                 # holes: words packed, not a window
-    want = similarity.local_similarity_candidates(txt, tm, img[cand], im[cand], "text", 7.0)
+    full = np.asarray(similarity.local_similarity(img, im, txt, tm, 7.0)).T   # [N_txt, N_img]
+    want = np.take_along_axis(full, cand, axis=1)
     got = similarity.local_similarity_text_candidates(txt, tm, img, im, cand, 7.0,
                                                       segment_rows=rows,
                                                       segments_per_step=per_step)
@@ -270,8 +276,8 @@ def test_image_candidates_kernel_equals_gathered(monkeypatch, per_step, cpu):
     # roles swapped: image queries (the 7 "images" as queries need candidates into 9 texts)
     queries, q_mask = img, im
     cand = np.random.default_rng(1).integers(0, txt.shape[0], size=(img.shape[0], 4))
-    want = similarity.local_similarity_candidates(queries, q_mask, txt[cand], tm[cand], "image",
-                                                  7.0)
+    full = np.asarray(similarity.local_similarity(queries, q_mask, txt, tm, 7.0))  # [N_img, N_txt]
+    want = np.take_along_axis(full, cand, axis=1)
     got = similarity.local_similarity_image_candidates(queries, q_mask, txt, tm, cand, 7.0,
                                                        queries_per_step=per_step)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

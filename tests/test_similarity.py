@@ -123,18 +123,15 @@ def test_local_similarity_jit_bf16_and_grad():
     assert np.all(np.asarray(g)[~im] == 0)            # masked image tokens get no gradient
 
 
-def test_pairs_and_candidates_match_all_pairs():
+def test_candidate_kernels_match_all_pairs():
     rng = np.random.default_rng(5)
     img, im, txt, tm = _random_case(rng, n_img=6, n_txt=6)
-    full = _np_local(img, im, txt, tm, 7.0)
-    pairs = sim.local_similarity_pairs(img, im, txt, tm, scale=7.0)
-    np.testing.assert_allclose(np.asarray(pairs), np.diag(full), rtol=1e-5, atol=1e-5)
-
+    full = _np_local(img, im, txt, tm, 7.0)          # [N_img, N_txt]
     cand = rng.integers(0, 6, size=(6, 3))           # each query's own candidate set
-    t2i = sim.local_similarity_candidates(txt, tm, img[cand], im[cand], "text", scale=7.0)
+    t2i = sim.local_similarity_text_candidates(txt, tm, img, im, cand, scale=7.0)
     np.testing.assert_allclose(np.asarray(t2i), full[cand, np.arange(6)[:, None]], rtol=1e-5,
                                atol=1e-5)
-    i2t = sim.local_similarity_candidates(img, im, txt[cand], tm[cand], "image", scale=7.0)
+    i2t = sim.local_similarity_image_candidates(img, im, txt, tm, cand, scale=7.0)
     np.testing.assert_allclose(np.asarray(i2t), full[np.arange(6)[:, None], cand], rtol=1e-5,
                                atol=1e-5)
 
@@ -145,9 +142,23 @@ def test_bad_shapes_raise_clear_errors():
         sim.local_similarity(img, np.ones((2, 4), bool), img, np.ones((2, 3), bool))
     with pytest.raises(ValueError, match="feature dim"):
         sim.local_similarity(img, np.ones((2, 3), bool), np.zeros((2, 3, 5)), np.ones((2, 3), bool))
-    with pytest.raises(ValueError, match="query_modality"):
-        sim.local_similarity_candidates(img, np.ones((2, 3), bool), img[:, None],
-                                        np.ones((2, 1, 3), bool), "audio")
+    with pytest.raises(ValueError, match="text_mask"):
+        sim.local_similarity_text_candidates(img, np.ones((2, 4), bool), img, np.ones((2, 3), bool),
+                                             np.zeros((2, 1), np.int32))
+
+
+def test_l2_normalize_clamps_the_norm_like_torch():
+    torch = pytest.importorskip("torch")
+    # norms 5 and 1e-8 (above the 1e-12 clamp), 1e-13 (below it) and a zero row
+    x = np.array([[3.0, 4.0], [6e-9, 8e-9], [6e-14, 8e-14], [0.0, 0.0]], np.float32)
+    want = torch.nn.functional.normalize(torch.from_numpy(x), dim=-1).numpy()  # eps 1e-12 on the norm
+    got = np.asarray(sim.l2_normalize(x))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(got[:2], [[0.6, 0.8], [0.6, 0.8]], rtol=1e-6)  # unit rows
+    np.testing.assert_allclose(got[2], [0.06, 0.08], rtol=1e-5)  # divided by eps, not by its norm
+    assert not got[3].any()
+    g = jax.grad(lambda a: sim.l2_normalize(a).sum())(jnp.zeros((2, 3)))
+    assert np.all(np.isfinite(np.asarray(g)))
 
 
 def test_normalize_tokens_dtype_and_zero_rows():

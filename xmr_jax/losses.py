@@ -6,13 +6,17 @@ on static shapes. Shape errors are reported as ``ValueError`` naming the argumen
 
 Notation: B = batch size, D = embedding width, C = number of identity classes, V = vocabulary.
 Feature arguments are UNNORMALIZED unless stated otherwise; the functions L2-normalize where the
-reference systems do (see /work/shared/SPEC.md sections 3 and 6).
+reference systems do (see /work/shared/SPEC.md sections 3 and 6), with the library's one
+normalization, `xmr_jax.similarity.l2_normalize` (torch.nn.functional.normalize's eps: the norm is
+clamped at 1e-12).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from xmr_jax.similarity import l2_normalize
 
 __all__ = [
     "sdm_loss",
@@ -23,10 +27,9 @@ __all__ = [
     "cmpm_loss",
     "cmc_loss",
     "positive_mask_from_ids",
-    "l2_normalize",
 ]
 
-_NORM_EPS = 1e-12
+CMC_NEGATIVES = ("hardest", "sum")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -58,17 +61,6 @@ def _check_ids(ids, batch: int, name: str, fn: str) -> None:
         raise ValueError(
             f"{fn}: `{name}` must have shape [B] = ({batch},), got {tuple(jnp.shape(ids))}."
         )
-
-
-def l2_normalize(x, axis: int = -1) -> jax.Array:
-    """L2-normalizes `x` along `axis` in float32. x: [..., D] -> [..., D] (unit norm rows).
-
-    A zero row stays zero (the norm is clamped at 1e-12) instead of producing NaN.
-    """
-    x = _f32(x)
-    sq_norm = jnp.sum(x * x, axis=axis, keepdims=True)
-    # Clamp before the root so the gradient stays finite at a zero row.
-    return x * jax.lax.rsqrt(jnp.maximum(sq_norm, _NORM_EPS * _NORM_EPS))
 
 
 def positive_mask_from_ids(ids, other_ids=None) -> jax.Array:
@@ -265,6 +257,16 @@ def _hardest_negative_hinge(sim: jax.Array, negatives: jax.Array, margin: float)
     return jnp.sum(jnp.max(cost_i2t, axis=1)) + jnp.sum(jnp.max(cost_t2i, axis=0))
 
 
+def _sum_hinge(sim: jax.Array, negatives: jax.Array, margin: float) -> jax.Array:
+    """VSE0 triplet loss: the hinge summed over ALL negatives, both directions. sim [B, B] float32
+    (rows images, cols texts), negatives [B, B] bool -> scalar
+    `sum_{(i,j) neg} ([m + S_ij - S_ii]_+ + [m + S_ij - S_jj]_+)`."""
+    diag = jnp.diagonal(sim)
+    cost_i2t = jax.nn.relu(margin + sim - diag[:, None])  # image i vs negative texts j
+    cost_t2i = jax.nn.relu(margin + sim - diag[None, :])  # text j vs negative images i
+    return jnp.sum(jnp.where(negatives, cost_i2t + cost_t2i, 0.0))
+
+
 def cmc_loss(
     image_global,
     text_global,
@@ -272,13 +274,17 @@ def cmc_loss(
     margin: float = 0.2,
     slack: float = 0.3,
     positive_mask=None,
+    negatives: str = "hardest",
 ):
     """Consistent multimodal contrastive loss of TGDT (SPEC section 6).
 
     total = inter(S_global) + intra + inter(local_sim), where
     - `S_global = norm(V) @ norm(T).T` [B, B] (rows images, cols texts, cosine);
-    - inter(S) = `sum_i max_{j neg} [m + S_ij - S_ii]_+ + sum_j max_{i neg} [m + S_ij - S_jj]_+`
-      (VSE++ hardest negative, summed over the batch);
+    - inter(S), `negatives="hardest"` (TGDT, VSE++):
+      `sum_i max_{j neg} [m + S_ij - S_ii]_+ + sum_j max_{i neg} [m + S_ij - S_jj]_+`;
+      `negatives="sum"` (VSE0): `sum_{(i,j) neg} ([m + S_ij - S_ii]_+ + [m + S_ij - S_jj]_+)`.
+      The hardest-negative hinge collapses when trained from random towers (every similarity
+      equal, loss = 4 * B * margin); the sum does not;
     - intra = `sum_j [max_i |(T T^T)_ij - (V V^T)_ij| - slack]_+` on the normalized globals.
 
     Positives: pair (i, i) is the reference positive of image row i and of text column i (the
@@ -296,11 +302,15 @@ def cmc_loss(
       slack: intra-modal slack sigma (0.3).
       positive_mask: optional [B, B] bool, True where image i and text j belong together
         (e.g. `positive_mask_from_ids(image_ids)`); default: identity (only the diagonal).
+      negatives: "hardest" or "sum" (see inter above).
 
     Returns:
       float32 scalar.
     """
     _check_pair(image_global, text_global, "cmc_loss", "image_global", "text_global")
+    if negatives not in CMC_NEGATIVES:
+        raise ValueError(f"cmc_loss: `negatives` must be one of {CMC_NEGATIVES}, got {negatives!r}.")
+    inter = _hardest_negative_hinge if negatives == "hardest" else _sum_hinge
     b = jnp.shape(image_global)[0]
     if jnp.shape(local_sim) != (b, b):
         raise ValueError(
@@ -317,13 +327,13 @@ def cmc_loss(
                 f"{tuple(jnp.shape(positive_mask))}."
             )
         positives = jnp.asarray(positive_mask).astype(bool) | eye
-    negatives = ~positives
+    negative_pairs = ~positives
 
     v = l2_normalize(image_global)
     t = l2_normalize(text_global)
     s_global = v @ t.T
-    inter_global = _hardest_negative_hinge(s_global, negatives, margin)
-    inter_local = _hardest_negative_hinge(_f32(local_sim), negatives, margin)
+    inter_global = inter(s_global, negative_pairs, margin)
+    inter_local = inter(_f32(local_sim), negative_pairs, margin)
 
     gap = jnp.abs(t @ t.T - v @ v.T)
     intra = jnp.sum(jax.nn.relu(jnp.max(gap, axis=0) - slack))

@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from xmr_jax.similarity import (_check_tokens, _compute_dtype, _local_tiled, _normalize_tokens,
-                                _precision, auto_blocks, compact_tokens, global_similarity,
-                                l2_normalize, local_similarity, local_similarity_image_candidates,
-                                local_similarity_text_candidates, normalize_tokens)
+from xmr_jax.similarity import (auto_blocks, check_tokens, compact_tokens, l2_normalize, local_similarity,
+                                local_similarity_image_candidates, local_similarity_text_candidates,
+                                local_similarity_tiled, normalize_tokens, resolve_compute_dtype,
+                                resolve_precision)
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # working-set bound per query chunk (all devices' queries)
 DIRECTIONS = ("t2i", "i2t")
@@ -51,11 +51,6 @@ def _query_modality(direction: str) -> str:
         raise ValueError(f"direction must be 't2i' (text queries, image gallery) or 'i2t' "
                          f"(image queries, text gallery); got {direction!r}")
     return "text" if direction == "t2i" else "image"
-
-
-def exhaustive_global(query_global: jax.Array, gallery_global: jax.Array) -> jax.Array:
-    """Cosine scores of every query [Nq, D] against every gallery item [Ng, D] -> [Nq, Ng]."""
-    return global_similarity(query_global, gallery_global)
 
 
 class Features(NamedTuple):
@@ -85,10 +80,10 @@ def prepare_features(global_features, tokens=None, mask=None, compute_dtype=None
     if tokens is None:
         return Features(_prepare_jit(jnp.asarray(global_features), None, dtype=None)[0])
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask).astype(bool)
-    _check_tokens(tokens, mask, "")
+    check_tokens(tokens, mask, "")
     if compact:
         tokens, mask = compact_tokens(tokens, mask)
-    dtype = _compute_dtype(compute_dtype, tokens)
+    dtype = resolve_compute_dtype(compute_dtype, tokens)
     g, t = _prepare_jit(jnp.asarray(global_features), tokens, dtype=dtype)
     return Features(g, t, mask)
 
@@ -123,15 +118,6 @@ def exhaustive_local(query_tokens, query_mask, gallery_tokens, gallery_mask,
                             local_scale, **block_kwargs)
 
 
-def exhaustive_two_stage_equivalent(query_global, query_tokens, query_mask, gallery_global,
-                                    gallery_tokens, gallery_mask, direction="t2i",
-                                    local_scale=10.0, **block_kwargs):
-    """s_g + s_l for all pairs [Nq, Ng]: the ranking two-stage search gives with k >= Ng."""
-    return (exhaustive_global(query_global, gallery_global)
-            + exhaustive_local(query_tokens, query_mask, gallery_tokens, gallery_mask,
-                               direction, local_scale, **block_kwargs))
-
-
 # ----------------------------------------------------------------------------------------------
 # Per-chunk kernels (run on one device over the gallery shard it holds). Inputs are normalized:
 # q_glob [c, D] / g_glob [G_loc, D] float32, tokens in the compute dtype, masks bool.
@@ -158,8 +144,8 @@ def _chunk_local(q_glob, q_tok, q_mask, *, g_tok, g_mask, g_valid, scale, modali
     else:
         img, imk, txt, txk = q_tok, q_mask, g_tok, g_mask
     bi, bt = auto_blocks(img.shape[0], txt.shape[0], img.shape[1], txt.shape[1])
-    out = _local_tiled(img, imk, txt, txk, scale, image_block=bi, text_block=bt,
-                       dtype=img.dtype, precision=precision, normalized=True)
+    out = local_similarity_tiled(img, imk, txt, txk, scale, image_block=bi, text_block=bt,
+                                 dtype=img.dtype, precision=precision, normalized=True)
     out = out.T if modality == "text" else out
     return jnp.where(g_valid[None, :], out, -jnp.inf)
 
@@ -275,8 +261,8 @@ def _search_jit(q_glob, q_tok, q_mask, g_glob, g_tok, g_mask, g_valid, scale, *,
     q_glob = None if q_glob is None else norm_glob(q_glob)
     g_glob = None if g_glob is None else norm_glob(g_glob)
     if q_tok is not None:
-        q_tok = _normalize_tokens(q_tok, dtype, normalized)
-        g_tok = _normalize_tokens(g_tok, dtype, normalized)
+        q_tok = normalize_tokens(q_tok, dtype, normalized)
+        g_tok = normalize_tokens(g_tok, dtype, normalized)
     n_dev = 1 if mesh is None else _axis_size(mesh, axis)
     n_loc = g_valid.shape[0] // n_dev
     axis_name = None if mesh is None else axis
@@ -349,8 +335,8 @@ def _run_search(mode, query_global, query_tokens, query_mask, gallery_global, ga
         query_tokens, gallery_tokens = jnp.asarray(query_tokens), jnp.asarray(gallery_tokens)
         query_mask = jnp.asarray(query_mask).astype(bool)
         gallery_mask = jnp.asarray(gallery_mask).astype(bool)
-        _check_tokens(query_tokens, query_mask, "query")
-        _check_tokens(gallery_tokens, gallery_mask, "gallery")
+        check_tokens(query_tokens, query_mask, "query")
+        check_tokens(gallery_tokens, gallery_mask, "gallery")
         if not use_global:
             n_q, n_g = query_tokens.shape[0], gallery_tokens.shape[0]
         if query_tokens.shape[0] != n_q or gallery_tokens.shape[0] != n_g:
@@ -363,7 +349,7 @@ def _run_search(mode, query_global, query_tokens, query_mask, gallery_global, ga
         # No work on padding: slice both token axes to their valid windows (exact).
         query_tokens, query_mask = compact_tokens(query_tokens, query_mask)
         gallery_tokens, gallery_mask = compact_tokens(gallery_tokens, gallery_mask)
-        dtype = _compute_dtype(compute_dtype, query_tokens, gallery_tokens)
+        dtype = resolve_compute_dtype(compute_dtype, query_tokens, gallery_tokens)
     else:
         query_tokens = query_mask = gallery_tokens = gallery_mask = None
         dtype = jnp.dtype(jnp.float32)
@@ -404,7 +390,7 @@ def _run_search(mode, query_global, query_tokens, query_mask, gallery_global, ga
                       gallery_mask, g_valid, jnp.asarray(local_scale, jnp.float32), mode=mode,
                       k=k, modality=modality, chunk=query_chunk, mesh=mesh,
                       axis=None if mesh is None else _axis_tuple(axis), out_k=out_k,
-                      dtype=jnp.dtype(dtype), precision=_precision(precision, dtype),
+                      dtype=jnp.dtype(dtype), precision=resolve_precision(precision, dtype),
                       normalized=bool(normalized))
     return out, n_q, n_g
 
@@ -455,15 +441,10 @@ def two_stage_scores(query_global, query_tokens, query_mask, gallery_global, gal
     return rows
 
 
-def sharded_two_stage_scores(*args, mesh: Mesh, axis: Axis = "data", **kwargs):
-    """:func:`two_stage_scores` with the gallery sharded over ``mesh`` axis ``axis``."""
-    return two_stage_scores(*args, mesh=mesh, axis=axis, **kwargs)
-
-
 def global_scores(query_global, gallery_global, mesh: Optional[Mesh] = None, axis: Axis = "data",
                   query_chunk: Optional[int] = None, normalized: bool = False,
                   gallery_valid=None) -> jax.Array:
-    """Cosine scores [Nq, Ng] (:func:`exhaustive_global`), sharded like :func:`two_stage_scores`
+    """Cosine scores [Nq, Ng] (:func:`xmr_jax.similarity.global_similarity`), sharded like :func:`two_stage_scores`
     with ``mesh`` (queries gathered a chunk at a time); invalid gallery items score -inf."""
     rows, n_q, n_g = _run_search("global", query_global, None, None, gallery_global, None, None,
                                  gallery_valid, 1, "t2i", 0.0, query_chunk, mesh, axis, None,

@@ -30,38 +30,51 @@ DEFAULT_TILE_BYTES = 128 * 2**20
 _NEG = float(jnp.finfo(jnp.float32).min)  # "never wins the max" (finite: no inf arithmetic)
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """L2-normalizes ``x`` along ``axis`` in float32 (zero vectors stay zero)."""
+NORM_EPS = 1e-12  # l2_normalize's lower bound on the norm (torch.nn.functional.normalize's eps)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
+    """L2-normalizes ``x`` [..., D] along ``axis`` in float32 -> float32 [..., D].
+
+    ``x / max(||x||, eps)`` as torch.nn.functional.normalize (eps 1e-12 on the NORM, i.e. 1e-24 on
+    the squared norm): rows with norm >= eps get unit norm, smaller rows are divided by eps, so a
+    zero row stays zero instead of becoming NaN. The one normalization of the library: the losses
+    (training) and the similarities / retrieval (evaluation, search) all use it. The clamp is
+    applied before the square root, so the gradient stays finite at a zero row.
+    """
     x = jnp.asarray(x, jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps))
+    sq_norm = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq_norm, eps * eps))
 
 
-def _compute_dtype(compute_dtype, *arrays) -> jnp.dtype:
+def resolve_compute_dtype(compute_dtype, *arrays) -> jnp.dtype:
+    """The token matmuls' dtype: ``compute_dtype`` if given, else the arrays' common floating
+    dtype (float32 for integer input)."""
     if compute_dtype is not None:
         return jnp.dtype(compute_dtype)
     dtype = jnp.result_type(*[a.dtype for a in arrays])
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
 
 
-def _precision(precision, dtype):
+def resolve_precision(precision, dtype):
+    """``precision`` if given, else HIGHEST for float32 compute (TPU/GPU then match CPU) and
+    DEFAULT for lower-precision compute."""
     if precision is not None:
         return precision
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def normalize_tokens(tokens: jax.Array, dtype=None) -> jax.Array:
-    """L2-normalizes token features along D (in float32) and stores them in ``dtype``.
+def normalize_tokens(tokens: jax.Array, dtype=None, normalized: bool = False) -> jax.Array:
+    """L2-normalizes token features [..., L, D] along D (in float32) and stores them in ``dtype``.
 
     ``dtype``: the compute dtype of the token matmuls (default: the tokens' own floating dtype,
     float32 for integer input). Do this ONCE when features are encoded and pass
     ``normalized=True`` to the similarity / retrieval functions, which then use the tokens as
     they are (no per-call or per-query re-normalization, no float32 copy of bfloat16 tokens).
+    ``normalized=True`` here: the tokens are unit already; they are only cast to ``dtype``.
     """
     tokens = jnp.asarray(tokens)
-    return l2_normalize(tokens).astype(_compute_dtype(dtype, tokens))
-
-
-def _normalize_tokens(tokens: jax.Array, dtype, normalized: bool = False) -> jax.Array:
+    dtype = resolve_compute_dtype(dtype, tokens)
     if normalized:
         return tokens if tokens.dtype == dtype else tokens.astype(dtype)
     return l2_normalize(tokens).astype(dtype)
@@ -103,7 +116,9 @@ def compact_tokens(tokens, mask, window: Optional[tuple[int, int]] = None):
     return tokens[..., lo:hi, :], mask[..., lo:hi]
 
 
-def _check_tokens(tokens, mask, name: str, batch_dims: int = 1) -> None:
+def check_tokens(tokens, mask, name: str, batch_dims: int = 1) -> None:
+    """ValueError naming ``{name}_tokens`` / ``{name}_mask`` unless tokens is [*batch, L, D]
+    (``batch_dims`` leading dims) and mask [*batch, L]."""
     ndim = batch_dims + 2
     if tokens.ndim != ndim:
         raise ValueError(
@@ -122,16 +137,6 @@ def _reduce_tokens(cosines, image_valid, text_valid, image_axis, scale):
     any_image = jnp.any(image_valid, axis=image_axis)             # "no valid token" -> 0
     best = jnp.where(text_valid & any_image, best, 0.0)
     return scale * jnp.sum(best, axis=-1)
-
-
-def token_scores(cosines: jax.Array, image_valid: jax.Array, text_valid: jax.Array,
-                 scale) -> jax.Array:
-    """Reduces cosines [..., L_img, L_txt] to [...] scores: max over valid image tokens, sum over
-    valid words, times ``scale``. ``image_valid`` [..., L_img] / ``text_valid`` [..., L_txt] bool
-    (broadcastable against the leading dims of ``cosines``)."""
-    image_valid = jnp.asarray(image_valid, bool)[..., :, None]
-    text_valid = jnp.asarray(text_valid, bool)
-    return _reduce_tokens(cosines, image_valid, text_valid, -2, scale)
 
 
 def global_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -163,13 +168,17 @@ def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("image_block", "text_block", "dtype", "precision",
                                              "normalized"))
-def _local_tiled(image_tokens, image_mask, text_tokens, text_mask, scale, *, image_block,
-                 text_block, dtype, precision, normalized=False):
+def local_similarity_tiled(image_tokens, image_mask, text_tokens, text_mask, scale, *, image_block,
+                           text_block, dtype, precision, normalized=False):
+    """The jitted kernel of :func:`local_similarity` with every choice made by the caller:
+    image_tokens [N_img, L_img, D] / text_tokens [N_txt, L_txt, D] with bool masks, float32 scalar
+    ``scale``, tile sizes, compute ``dtype``, matmul ``precision`` (all static) -> float32
+    [N_img, N_txt]. No shape checks and no compaction (use it inside jit, e.g. per query chunk)."""
     n_img, n_txt = image_tokens.shape[0], text_tokens.shape[0]
     # Normalize once (unless the caller did); padded rows have mask False and are sliced off.
-    img = _pad_rows(_normalize_tokens(image_tokens, dtype, normalized), image_block)
+    img = _pad_rows(normalize_tokens(image_tokens, dtype, normalized), image_block)
     imk = _pad_rows(image_mask.astype(bool), image_block)
-    txt = _pad_rows(_normalize_tokens(text_tokens, dtype, normalized), text_block)
+    txt = _pad_rows(normalize_tokens(text_tokens, dtype, normalized), text_block)
     txk = _pad_rows(text_mask.astype(bool), text_block)
     img = img.reshape(-1, image_block, *img.shape[1:])
     imk = imk.reshape(-1, image_block, imk.shape[-1])
@@ -217,8 +226,8 @@ def local_similarity(image_tokens: jax.Array, image_mask: jax.Array, text_tokens
     """
     image_tokens, text_tokens = jnp.asarray(image_tokens), jnp.asarray(text_tokens)
     image_mask, text_mask = jnp.asarray(image_mask), jnp.asarray(text_mask)
-    _check_tokens(image_tokens, image_mask, "image")
-    _check_tokens(text_tokens, text_mask, "text")
+    check_tokens(image_tokens, image_mask, "image")
+    check_tokens(text_tokens, text_mask, "text")
     if image_tokens.shape[-1] != text_tokens.shape[-1]:
         raise ValueError(f"image_tokens and text_tokens must share the feature dim D; got "
                          f"{image_tokens.shape[-1]} and {text_tokens.shape[-1]}")
@@ -234,67 +243,11 @@ def local_similarity(image_tokens: jax.Array, image_mask: jax.Array, text_tokens
     if bi < 1 or bt < 1:
         raise ValueError(f"image_block and text_block must be >= 1; got {bi}, {bt}")
     bi, bt = min(bi, max(n_img, 1)), min(bt, max(n_txt, 1))
-    dtype = _compute_dtype(compute_dtype, image_tokens, text_tokens)
-    return _local_tiled(image_tokens, image_mask, text_tokens, text_mask,
+    dtype = resolve_compute_dtype(compute_dtype, image_tokens, text_tokens)
+    return local_similarity_tiled(image_tokens, image_mask, text_tokens, text_mask,
                         jnp.asarray(scale, jnp.float32), image_block=bi, text_block=bt,
-                        dtype=dtype, precision=_precision(precision, dtype),
+                        dtype=dtype, precision=resolve_precision(precision, dtype),
                         normalized=bool(normalized))
-
-
-def local_similarity_pairs(image_tokens: jax.Array, image_mask: jax.Array,
-                           text_tokens: jax.Array, text_mask: jax.Array, scale: float = 10.0,
-                           compute_dtype=None, precision=None,
-                           normalized: bool = False) -> jax.Array:
-    """Local similarity of aligned pairs: image_tokens [K, L_img, D] with text_tokens
-    [K, L_txt, D] (masks [K, L_img] / [K, L_txt] bool) -> float32 [K]."""
-    _check_tokens(image_tokens, image_mask, "image")
-    _check_tokens(text_tokens, text_mask, "text")
-    if image_tokens.shape[0] != text_tokens.shape[0]:
-        raise ValueError(f"local_similarity_pairs needs as many images as texts; got "
-                         f"{image_tokens.shape[0]} and {text_tokens.shape[0]}")
-    dtype = _compute_dtype(compute_dtype, image_tokens, text_tokens)
-    cos = jnp.einsum("kld,kjd->klj", _normalize_tokens(image_tokens, dtype, normalized),
-                     _normalize_tokens(text_tokens, dtype, normalized),
-                     precision=_precision(precision, dtype), preferred_element_type=jnp.float32)
-    return token_scores(cos, image_mask, text_mask, scale)
-
-
-def local_similarity_candidates(query_tokens: jax.Array, query_mask: jax.Array,
-                                candidate_tokens: jax.Array, candidate_mask: jax.Array,
-                                query_modality: str = "text", scale: float = 10.0,
-                                compute_dtype=None, precision=None,
-                                normalized: bool = False) -> jax.Array:
-    """Each query against its own candidate set -> float32 [Q, K].
-
-    Args:
-      query_tokens: [Q, Lq, D], query_mask [Q, Lq] bool.
-      candidate_tokens: [Q, K, Lc, D] (candidates of each query), candidate_mask [Q, K, Lc].
-      query_modality: "text" (candidates are images: text->image) or "image" (candidates are
-        texts: image->text). The max always runs over IMAGE tokens, the sum over WORDS.
-      normalized: tokens already L2-normalized (:func:`normalize_tokens`): used as they are.
-    """
-    _check_tokens(query_tokens, query_mask, "query")
-    _check_tokens(candidate_tokens, candidate_mask, "candidate", batch_dims=2)
-    if candidate_tokens.shape[0] != query_tokens.shape[0]:
-        raise ValueError(f"candidate_tokens must have one candidate set per query (leading dim "
-                         f"{query_tokens.shape[0]}); got shape {tuple(candidate_tokens.shape)}")
-    if query_modality not in ("text", "image"):
-        raise ValueError(f"query_modality must be 'text' or 'image'; got {query_modality!r}")
-    dtype = _compute_dtype(compute_dtype, query_tokens, candidate_tokens)
-    prec = _precision(precision, dtype)
-    q = _normalize_tokens(query_tokens, dtype, normalized)
-    c = _normalize_tokens(candidate_tokens, dtype, normalized)
-    query_mask, candidate_mask = query_mask.astype(bool), candidate_mask.astype(bool)
-    n_q, n_c, l_c, d = c.shape
-    flat = c.reshape(n_q, n_c * l_c, d)        # batched over queries: one matmul per query
-    if query_modality == "text":   # cosines [Q, K, L_img(cand), L_txt(query)]
-        cos = jnp.einsum("qmd,qjd->qmj", flat, q, precision=prec,
-                         preferred_element_type=jnp.float32).reshape(n_q, n_c, l_c, -1)
-        return _reduce_tokens(cos, candidate_mask[..., None], query_mask[:, None, :], 2, scale)
-    # cosines [Q, K, L_txt(cand), L_img(query)]: words-major, the max over the contiguous axis
-    cos = jnp.einsum("qmd,qld->qml", flat, q, precision=prec,
-                     preferred_element_type=jnp.float32).reshape(n_q, n_c, l_c, q.shape[1])
-    return _reduce_tokens(cos, query_mask[:, None, None, :], candidate_mask, -1, scale)
 
 
 def _segment_rows(n_rows_bound: int, n_images: int) -> int:
@@ -373,23 +326,23 @@ def local_similarity_text_candidates(text_tokens: jax.Array, text_mask: jax.Arra
       segments_per_step: segments per loop step (default: one per two CPU cores, 32 on
         accelerators).
 
-    Same values as :func:`local_similarity_candidates` on gathered images, computed image-major
-    and on real words only: the (text, image) pairs are sorted by image, the VALID words of an
+    Same values as ``local_similarity(image_tokens, image_mask, text_tokens, text_mask).T`` at
+    ``[i, candidates[i]]``, computed image-major and on real words only: the (text, image) pairs are sorted by image, the VALID words of an
     image's pairs are packed one after the other, and each segment of ``segment_rows`` packed
     words is one [segment_rows, D] x [D, L_img] matmul against that image (max over the
     contiguous image axis), the per-word maxima summed into their pairs (a pair may span two
     segments). No multiply-add is spent on masked words, only the words are gathered (never the
     candidates' image tokens), and memory stays O(segment_rows * D) per segment.
     """
-    _check_tokens(text_tokens, text_mask, "text")
-    _check_tokens(image_tokens, image_mask, "image")
+    check_tokens(text_tokens, text_mask, "text")
+    check_tokens(image_tokens, image_mask, "image")
     n_txt, k = candidates.shape
     n_img = image_tokens.shape[0]
     l_txt, d = text_tokens.shape[1:]
-    dtype = _compute_dtype(compute_dtype, text_tokens, image_tokens)
-    prec = _precision(precision, dtype)
-    txt = _normalize_tokens(text_tokens, dtype, normalized).reshape(n_txt * l_txt, d)
-    img = _normalize_tokens(image_tokens, dtype, normalized)
+    dtype = resolve_compute_dtype(compute_dtype, text_tokens, image_tokens)
+    prec = resolve_precision(precision, dtype)
+    txt = normalize_tokens(text_tokens, dtype, normalized).reshape(n_txt * l_txt, d)
+    img = normalize_tokens(image_tokens, dtype, normalized)
     txm, imm = text_mask.astype(bool), image_mask.astype(bool)
     n_pairs = n_txt * k
     if n_pairs == 0:
@@ -475,13 +428,13 @@ def local_similarity_image_candidates(image_tokens: jax.Array, image_mask: jax.A
     its candidates' words and one [K * L_txt, D] x [D, L_img] matmul (``queries_per_step``
     images per loop step: default one per two CPU cores, all at once on accelerators).
     """
-    _check_tokens(image_tokens, image_mask, "image")
-    _check_tokens(text_tokens, text_mask, "text")
+    check_tokens(image_tokens, image_mask, "image")
+    check_tokens(text_tokens, text_mask, "text")
     n_q, k = candidates.shape
-    dtype = _compute_dtype(compute_dtype, text_tokens, image_tokens)
-    prec = _precision(precision, dtype)
-    img = _normalize_tokens(image_tokens, dtype, normalized)
-    txt = _normalize_tokens(text_tokens, dtype, normalized)
+    dtype = resolve_compute_dtype(compute_dtype, text_tokens, image_tokens)
+    prec = resolve_precision(precision, dtype)
+    img = normalize_tokens(image_tokens, dtype, normalized)
+    txt = normalize_tokens(text_tokens, dtype, normalized)
     imm, txm = image_mask.astype(bool), text_mask.astype(bool)
     scale = jnp.asarray(scale, jnp.float32)
     per_step = min(_per_step(queries_per_step, max(n_q, 1)), max(n_q, 1))

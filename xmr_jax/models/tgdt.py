@@ -11,7 +11,6 @@ from typing import Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from xmr_jax import losses, similarity
 from xmr_jax.models.clip import CLIP, clip_from_config
@@ -33,12 +32,14 @@ class TGDT(nn.Module):
         return self.base_model.encode_text(token_ids)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """batch: images [B,H,W,3], text_ids [B,T] -> normalized globals [B,D], tokens and masks."""
+        """batch: images [B,H,W,3], text_ids [B,T] -> unnormalized globals image_global /
+        text_global [B,D], tokens image_tokens [B,Li,D] / text_tokens [B,T,D] and their bool masks
+        (the loss normalizes each once: `losses.cmc_loss`, `similarity.local_similarity`)."""
         image_global, image_tokens, image_mask = self.base_model.encode_image(batch["images"])
         text_global, text_tokens, text_mask = self.base_model.encode_text(batch["text_ids"])
         return {
-            "image_global": losses.l2_normalize(image_global),
-            "text_global": losses.l2_normalize(text_global),
+            "image_global": image_global,
+            "text_global": text_global,
             "image_tokens": image_tokens,
             "image_mask": image_mask,
             "text_tokens": text_tokens,
@@ -46,32 +47,12 @@ class TGDT(nn.Module):
         }
 
 
-def _sum_hinge(s: jax.Array, negatives: jax.Array, margin: float) -> jax.Array:
-    """VSE0 inter-modal term: hinge summed over ALL negatives (both directions). s [B,B] -> scalar."""
-    diag = jnp.diagonal(s)
-    cost_text = jax.nn.relu(margin + s - diag[:, None])  # image i vs negative texts j
-    cost_image = jax.nn.relu(margin + s - diag[None, :])  # text j vs negative images i
-    return jnp.sum(jnp.where(negatives, cost_text + cost_image, 0.0))
-
-
-def cmc_sum_loss(image_global, text_global, local_sim, margin: float, slack: float, positive_mask) -> jax.Array:
-    """CMC with the inter-modal hinges summed over all negatives instead of the hardest one.
-
-    image_global / text_global [B,D] (normalized inside), local_sim [B,B] (scaled), positive_mask
-    [B,B] bool (the diagonal is always positive). Same intra-modal term as `losses.cmc_loss`.
-    """
-    v, t = losses.l2_normalize(image_global), losses.l2_normalize(text_global)
-    negatives = ~(jnp.asarray(positive_mask, bool) | jnp.eye(v.shape[0], dtype=bool))
-    intra = jnp.sum(jax.nn.relu(jnp.max(jnp.abs(t @ t.T - v @ v.T), axis=0) - slack))
-    return _sum_hinge(v @ t.T, negatives, margin) + intra + _sum_hinge(local_sim.astype(jnp.float32), negatives, margin)
-
-
 def compute_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], config) -> tuple[jax.Array, dict]:
-    """CMC on global + local similarity; pairs sharing `config.tgdt.positives` are never negatives.
+    """CMC (`losses.cmc_loss`) on global + local similarity; pairs sharing
+    `config.tgdt.positives` (image_id or pid) are never negatives; config.tgdt.negatives: "hardest"
+    (TGDT/VSE++, max over the negatives) or "sum" (hinge summed over all negatives).
 
-    config.tgdt.negatives: "hardest" (TGDT/VSE++: max over negatives, `losses.cmc_loss`) or "sum"
-    (hinge summed over all negatives, `cmc_sum_loss`): the hardest-negative hinge collapses from
-    random towers (every similarity equal, loss = 4 * B * margin), the sum does not.
+    outputs: `TGDT.__call__`'s dict; batch: pids / image_ids int [B]. -> (loss, {"cmc_loss": loss}).
     """
     tcfg = config.tgdt
     local = similarity.local_similarity(
@@ -79,9 +60,10 @@ def compute_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Arr
         scale=tcfg.local_scale,
     )
     ids = batch["pids"] if tcfg.positives == "pid" else batch["image_ids"]
-    fn = cmc_sum_loss if tcfg.get("negatives", "hardest") == "sum" else losses.cmc_loss
-    loss = fn(outputs["image_global"], outputs["text_global"], local,
-              margin=tcfg.margin, slack=tcfg.slack, positive_mask=ids[:, None] == ids[None, :])
+    loss = losses.cmc_loss(outputs["image_global"], outputs["text_global"], local,
+                           margin=tcfg.margin, slack=tcfg.slack,
+                           positive_mask=losses.positive_mask_from_ids(ids),
+                           negatives=tcfg.get("negatives", "hardest"))
     return loss, {"cmc_loss": loss}
 
 
@@ -96,8 +78,8 @@ def validate_tgdt_config(config) -> None:
     tcfg = config.tgdt
     if tcfg.get("positives") not in ("image_id", "pid"):
         raise ValueError(f"config.tgdt.positives={tcfg.get('positives')!r}: expected 'image_id' or 'pid'")
-    if tcfg.get("negatives", "hardest") not in ("hardest", "sum"):
-        raise ValueError(f"config.tgdt.negatives={tcfg.get('negatives')!r}: expected 'hardest' or 'sum'")
+    if tcfg.get("negatives", "hardest") not in losses.CMC_NEGATIVES:
+        raise ValueError(f"config.tgdt.negatives={tcfg.get('negatives')!r}: expected one of {losses.CMC_NEGATIVES}")
     checks = (("local_scale", lambda v: v > 0, "> 0"), ("margin", lambda v: v >= 0, ">= 0"),
               ("slack", lambda v: v >= 0, ">= 0"), ("k_t2i", lambda v: int(v) == v and v >= 1, "an integer >= 1"),
               ("k_i2t", lambda v: int(v) == v and v >= 1, "an integer >= 1"))
