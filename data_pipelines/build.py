@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
+
+# TensorFlow (imported by TFDS) reads this once, when it loads: no INFO banner from its C++ side.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DATASETS = {
     "cuhk_pedes": "CuhkPedes",

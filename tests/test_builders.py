@@ -182,6 +182,27 @@ def test_cli_prints_counts(tmp_path, capsys):
     assert "already prepared" in capsys.readouterr().out
 
 
+def test_cli_process_output_is_quiet_and_truthful(tmp_path):
+    """`python -m data_pipelines.build` in a fresh process (TF_CPP_MIN_LOG_LEVEL unset): no
+    TensorFlow banner, no TFDS "Downloading ... Unknown size" line, about ten progress lines."""
+    import os
+    import subprocess
+
+    manual = fixtures.write_rstpreid(tmp_path / "m")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    res = subprocess.run([sys.executable, "-m", "data_pipelines.build", "--dataset", "rstpreid",
+                          "--manual_dir", str(manual), "--data_dir", str(tmp_path / "d")],
+                         capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    both = res.stdout + res.stderr
+    for noise in ("cpu_feature_guard", "This TensorFlow binary", "absl::InitializeLog", "Unknown size"):
+        assert noise not in both, noise
+    assert f"rstpreid: preparing rstpreid/1.0.0 from the manual download into {tmp_path / 'd'}" in res.stdout
+    assert len(re.findall(r"checked \d+/14 images", res.stdout)) == 7  # every 2nd of 14
+    assert re.search(r"rstpreid: train\s+6\s+12\s+3\s+0", res.stdout)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -283,7 +283,7 @@ def check_images(
     """
     num_threads = num_threads or min(32, (os.cpu_count() or 1) * 4)
     total = len(records)
-    report_every = max(1, total // 10)
+    report_every = max(1, -(-total // 10))  # about ten progress lines, whatever the total
     results: list[Any] = [None] * total
 
     def probe(i: int) -> Any:

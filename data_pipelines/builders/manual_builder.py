@@ -55,6 +55,12 @@ class ManualRetrievalBuilder(CleanFailureMixin):
             disable_shuffling=True,  # examples stored in image_index order
         )
 
+    def _log_download_bytes(self) -> None:
+        # Replaces TFDS' "Downloading and preparing dataset Unknown size (download: Unknown
+        # size, ...)": nothing is downloaded and the size is not known before parsing.
+        ann._log(f"{self.name}: preparing {self.info.full_name} from the manual download into "
+                 f"{self.data_dir}")
+
     def _resolve_manual_dir(self, dl_manager) -> Path:
         try:
             return Path(dl_manager.manual_dir)

@@ -89,6 +89,11 @@ class SyntheticPeople(CleanFailureMixin, tfds.core.GeneratorBasedBuilder):
             description=__doc__,
         )
 
+    def _log_download_bytes(self) -> None:
+        # Replaces TFDS' "Downloading and preparing dataset Unknown size ...": nothing is
+        # downloaded; the images are drawn here.
+        print(f"synthetic_people: drawing {self.info.full_name} into {self.data_dir}", flush=True)
+
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
         cfg: SyntheticPeopleConfig = self.builder_config
