@@ -77,10 +77,13 @@ def test_group_table_matches_spec_at_several_steps():
     cfg = optim.default_irra_optim_config()
     params = _irra_like_params()
     assert set(_flat(params)) == set(EXPECTED)
-    wds = _flat(optim.weight_decays(cfg, params))
+    # what make_optimizer builds the update from: per-parameter lr multipliers and weight decays
+    # (the parameter groups) and the schedule factor; effective lr = lr * multiplier * factor
+    mults, wds = map(_flat, optim.param_group_trees(cfg, params))
     spe = 7
+    schedule = optim.schedule_factor(cfg, spe)
     for step in (0, 6, 7, 34, 35, 36 * 7 + 3, 59 * 7 + 6):
-        lrs = _flat(optim.learning_rates(cfg, params, step, spe))
+        lrs = {name: cfg.lr * m * float(schedule(step)) for name, m in mults.items()}
         f = _spec_factor(step // spe)
         for name, (lr, wd) in EXPECTED.items():
             # float32 schedule: factor exact to 1e-6 absolute

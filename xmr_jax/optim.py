@@ -343,16 +343,3 @@ def make_optimizer(
         parts += [adam, add_per_param_decay(wds)]
     parts += [scale_per_param(lr_mults), optax.scale_by_learning_rate(lr_schedule)]
     return optax.chain(*parts), lr_schedule
-
-
-def learning_rates(optim_cfg: Any, params: PyTree, step: int, steps_per_epoch: int) -> PyTree:
-    """Pytree (structure of ``params``) of python floats: the lr each parameter gets at ``step``."""
-    base_lr = float(_require(optim_cfg, "lr"))
-    f = float(schedule_factor(optim_cfg, steps_per_epoch)(step))
-    lr_mults, _ = param_group_trees(optim_cfg, params)
-    return jax.tree.map(lambda m: base_lr * m * f, lr_mults)
-
-
-def weight_decays(optim_cfg: Any, params: PyTree) -> PyTree:
-    """Pytree (structure of ``params``) of python floats: each parameter's weight decay."""
-    return param_group_trees(optim_cfg, params)[1]

@@ -138,10 +138,3 @@ def openai_state_dict_to_params(state_dict: Mapping[str, Any], *, image_size=Non
     params = apply_table(state_dict, openai_table(f, source), prefix=prefix, ignore=ignore,
                          what="OpenAI CLIP checkpoint", strict=strict)
     return model, adapt_params(params, source, model)
-
-
-def load_openai_clip(path: str, image_size=None, **kwargs):
-    """Load an OpenAI CLIP .pt (TorchScript or state dict) or .safetensors -> (model, params)."""
-    from xmr_jax.convert.core import load_state_dict_file
-
-    return openai_state_dict_to_params(load_state_dict_file(path), image_size=image_size, **kwargs)
