@@ -232,7 +232,7 @@ def test_error_cases(setup, tmp_path, capsys):
     assert "no ground truth for query 'a'" in capsys.readouterr().err
 
 
-def test_exported_artifact_gives_same_index(setup, tmp_path):
+def test_exported_artifact_gives_same_index(setup, tmp_path, capsys):
     from xmr_jax.export import export_jax
     export_jax(setup["model"], setup["params"], str(tmp_path / "exp" / "jax"), platforms=["cpu"])
     out = tmp_path / "e.npz"
@@ -244,6 +244,13 @@ def test_exported_artifact_gives_same_index(setup, tmp_path):
     a = S.search(index, S.exported_encoders(str(tmp_path / "exp")), None, QUERIES, k=6)
     b = S.search(setup["index"], setup["model"], setup["params"], QUERIES, k=6)
     np.testing.assert_array_equal(a.indices, b.indices)
+    # Weights of an exported model and a checkpoint cannot be compared: the CLI says so.
+    capsys.readouterr()
+    assert S.main(["query", "--checkpoint", setup["ckpt"], "--index", str(out), "--text", QUERIES[0],
+                   "--k", "2"]) == 0
+    assert "their weights cannot be compared, only their shapes" in capsys.readouterr().err
+    assert S.main(["query", "--index", str(out), "--text", QUERIES[0], "--k", "2"]) == 0  # same model
+    assert "cannot be compared" not in capsys.readouterr().err
 
 
 def test_cli_process_runs_without_tensorflow(setup, tmp_path):

@@ -77,3 +77,68 @@ def test_index_grid_and_ground_truth_on_gcs(small, tmp_path, monkeypatch, capsys
         assert not (tmp_path / "gs:").exists()
     finally:
         fake_gcs.unregister()
+
+
+def test_output_paths_checked_before_any_work(small, tmp_path, capsys):
+    """--index / --grid that cannot be written fail at once (before the model loads and the images
+    are encoded), naming the flag; an --index that is a folder too."""
+    ckpt, images = str(small["root"] / "ckpt"), str(small["root"] / "images")
+    (tmp_path / "a_file").write_text("x")
+    capsys.readouterr()
+    for target, why in ((tmp_path / "a_file" / "g.npz", "its folder cannot be created or written"),
+                        (tmp_path, "is a folder; give the path of the file to write")):
+        assert S.main(["index", "--checkpoint", ckpt, "--images", images, "--index", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --index {str(target)!r}" in err and why in err
+        assert "[index]" not in err  # nothing was encoded
+    assert S.main([*small["args"], "--text", "a", "--grid", str(tmp_path / "a_file" / "grid.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"--grid {str(tmp_path / 'a_file' / 'grid.png')!r}" in err and "a_file is a file" in err
+    assert S.main([*small["args"], "--text", "a", "--grid", str(tmp_path / "g.png"),
+                   "--images", str(tmp_path / "nope")]) == 2
+    assert "--images" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
+
+
+def test_not_an_index_is_named_without_numpy_advice(small, tmp_path, capsys):
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    (tmp_path / "config.json").write_text("{}")
+    cases = {str(tmp_path): "is a folder", str(tmp_path / "config.json"): "not an .npz file",
+             str(tmp_path / "array.npy"): "single .npy array",
+             str(tmp_path / "other.npz"): "lacks ['global', 'paths', 'meta']"}
+    capsys.readouterr()
+    for path, why in cases.items():
+        assert S.main([*small["args"][:3], "--index", path, "--text", "a"]) == 2
+        err = capsys.readouterr().err
+        assert why in err and path in err and "pickle" not in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_moved_images_reported_and_grid_shows_cosine(small, tmp_path, capsys):
+    """A grid whose images moved since indexing says so (and --images fixes it); two-stage grids
+    label each result with its score and its global cosine."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(small["root"] / "images", moved)
+    index = S.load_index(str(small["root"] / "g.npz"))
+    index.meta["image_root"] = str(tmp_path / "gone")
+    S.save_index(index, str(tmp_path / "g.npz"))
+    args = ["query", "--checkpoint", str(small["root"] / "ckpt"), "--index", str(tmp_path / "g.npz"),
+            "--text", "a red coat", "--k", "2", "--grid", str(tmp_path / "grid.png")]
+    capsys.readouterr()
+    assert S.main(args) == 0
+    assert "2 of the 2 result images are not under" in capsys.readouterr().err
+    assert S.main(args + ["--images", str(moved)]) == 0
+    assert "not under" not in capsys.readouterr().err
+
+    res = S.search(index, small["model"], small["params"], ["a red coat"], k=2)
+    plain, layout = S.render_grid(res.texts, res.paths, res.scores, str(moved))
+    labelled, _ = S.render_grid(res.texts, res.paths, res.scores, str(moved), cosine=res.cosine)
+    plain, labelled = np.asarray(plain), np.asarray(labelled)
+    for c in range(2):
+        x0, y0, x1, y1 = layout.thumb_box(0, c)
+        np.testing.assert_array_equal(plain[y0:y1, x0:x1], labelled[y0:y1, x0:x1])  # same thumbnail
+        below = slice(y1 + layout.pad - 2, y1 + layout.pad - 2 + layout.label_h)
+        cell = slice(x0, x0 + layout.cell[1] - 2)
+        assert (labelled[below, cell] != 255).sum() > (plain[below, cell] != 255).sum()  # more text

@@ -23,7 +23,9 @@ query words, so compare it only within one query), the global cosine (comparable
 and the path. A query longer than the context is cut: the CLI says how many tokens were kept.
 Empty queries are rejected. --index, --grid, --ground_truth and --queries_file may be gs:// (or
 any etils.epath) paths. Errors in user input exit with status 2 and a message naming the file or
-parameter. TensorFlow is never imported.
+parameter; --index (when indexing) and --grid are checked to be writable before any work. A grid
+labels each result with its score and, for two-stage search, its global cosine; result images no
+longer under the image folder are reported. TensorFlow is never imported.
 
 Modules, one job each:
     encoders.py  `Encoders` from a CLIP module + params or a jax.export folder; weight fingerprint

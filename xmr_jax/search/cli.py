@@ -98,7 +98,32 @@ def _load_encoders(args) -> Encoders:
     return load_encoders(args.checkpoint, args.exported, args.config)
 
 
+def _check_output_file(path: str, flag: str) -> None:
+    """Before any work: `path` is not a folder and its folder can be created and written."""
+    from xmr_jax.logging_utils import PathCheckError, as_path, check_writable_dir, describe_os_error
+
+    if as_path(path).is_dir():
+        raise SearchError(f"{flag} {path!r} is a folder; give the path of the file to write")
+    parent = as_path(path).parent
+    try:
+        check_writable_dir(parent, flag)
+    except PathCheckError as e:
+        why = describe_os_error(e.__cause__) if e.__cause__ is not None else f"{parent} is a file"
+        raise SearchError(f"{flag} {path!r}: its folder cannot be created or written: {why}") from e
+
+
+def _write(write, path: str, flag: str):
+    """Runs write(); an OSError (disk full, permissions) becomes a SearchError naming the flag."""
+    from xmr_jax.logging_utils import describe_os_error
+
+    try:
+        return write()
+    except OSError as e:
+        raise SearchError(f"{flag} {path!r}: cannot write it: {describe_os_error(e)}") from e
+
+
 def _cmd_index(args, log) -> int:
+    _check_output_file(args.index, "--index")
     paths = list_images(args.images)
     enc = _load_encoders(args)
     log(f"[index] {len(paths)} images in {args.images}; model {enc.description['kind']} "
@@ -106,7 +131,7 @@ def _cmd_index(args, log) -> int:
     index = build_index(enc, None, paths, args.images, batch_size=args.batch_size,
                         with_tokens=not args.no_tokens, skip_bad_images=args.skip_bad_images,
                         num_workers=args.num_workers, log=log)
-    save_index(index, args.index)
+    _write(lambda: save_index(index, args.index), args.index, "--index")
     skipped = index.meta["skipped"]
     if skipped:
         log(f"[index] skipped {len(skipped)} undecodable image(s): {', '.join(skipped[:5])}"
@@ -135,6 +160,12 @@ def _read_queries(args) -> list[str]:
 def _cmd_query(args, log) -> int:
     index = load_index(args.index)
     texts = _read_queries(args)
+    if args.grid:
+        _check_output_file(args.grid, "--grid")
+        if args.images and not os.path.isdir(args.images):
+            raise SearchError(f"--images {args.images!r} is not a folder (the grid's thumbnails are "
+                              "read from it; default: the folder recorded in the index)")
+    truth = read_ground_truth(args.ground_truth, texts) if args.ground_truth else None
     if not args.checkpoint and not args.exported:
         args.checkpoint = index.meta.get("model", {}).get("source")
         if not args.checkpoint:
@@ -143,8 +174,12 @@ def _cmd_query(args, log) -> int:
             args.exported, args.checkpoint = args.checkpoint, None
     enc = _load_encoders(args)
     check_compatible(index, enc, args.allow_other_weights)
+    built = str(index.meta.get("model", {}).get("fingerprint", ""))
+    if built.split(":")[0] != str(enc.description.get("fingerprint", "")).split(":")[0]:
+        log(f"[query] note: the index was built from {index.meta['model'].get('source')!r} "
+            f"({index.meta['model'].get('kind')}), the query model is {enc.description.get('source')!r} "
+            f"({enc.description.get('kind')}): their weights cannot be compared, only their shapes")
     image_root = args.images or index.image_root
-    truth = read_ground_truth(args.ground_truth, texts) if args.ground_truth else None
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",)) if args.shard_gallery else None
     counts = query_token_counts(texts, enc.context_length)
     wordless = [q + 1 for q, (total, _) in enumerate(counts) if total == 0]
@@ -169,7 +204,14 @@ def _cmd_query(args, log) -> int:
             cosine = f"  {res.cosine[q][r]:7.4f}" if res.two_stage else ""
             print(f"  {r + 1:3d}  {score:8.4f}{cosine}  {path}{hit}")
     if args.grid:
-        render_grid(texts, res.paths, res.scores, image_root, args.grid, truth, (args.thumb, args.thumb))
+        shown = sorted({p for row in res.paths for p in row})
+        missing = [p for p in shown if not os.path.isfile(os.path.join(image_root, p))]
+        if missing:
+            log(f"[query] {len(missing)} of the {len(shown)} result images are not under {image_root!r} "
+                f"(moved since indexing? pass --images): their grid boxes say 'missing'")
+        _write(lambda: render_grid(texts, res.paths, res.scores, image_root, args.grid, truth,
+                                   (args.thumb, args.thumb), cosine=res.cosine if res.two_stage else None),
+               args.grid, "--grid")
         print(f"[query] grid -> {args.grid}")
     return 0
 
@@ -180,6 +222,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     try:
         return _cmd_index(args, log) if args.command == "index" else _cmd_query(args, log)
-    except (SearchError, FileNotFoundError, ValueError, KeyError) as err:
+    except (SearchError, OSError, ValueError, KeyError) as err:  # OSError: FileNotFoundError, ...
         print(f"error: {err}", file=sys.stderr)
         return 2

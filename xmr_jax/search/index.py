@@ -178,21 +178,46 @@ def save_index(index: ImageIndex, path: str) -> str:
 
 
 def load_index(path: str) -> ImageIndex:
-    """Reads an index written by `save_index` / `python -m xmr_jax.search index` (local or gs://)."""
+    """Reads an index written by `save_index` / `python -m xmr_jax.search index` (local or gs://).
+
+    Raises FileNotFoundError when `path` does not exist, SearchError naming it when it is a folder
+    or not an index.
+    """
     from xmr_jax.logging_utils import as_path, is_uri
 
-    if not (as_path(path).is_file() if is_uri(path) else os.path.isfile(path)):
+    target = as_path(path)
+    if target.is_dir():
+        raise SearchError(f"index {path!r} is a folder; expected the .npz file written by "
+                          "`python -m xmr_jax.search index ... --index PATH`")
+    if not (target.is_file() if is_uri(path) else os.path.isfile(path)):
         raise FileNotFoundError(f"index file {path!r} does not exist (write one with "
                                 "`python -m xmr_jax.search index ... --index PATH`)")
+    not_index = (f"{path!r} is not a search index (expected the .npz file written by "
+                 "`python -m xmr_jax.search index`, holding global/paths/meta)")
     try:
-        source = io.BytesIO(as_path(path).read_bytes()) if is_uri(path) else path
-        with np.load(source, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        source = io.BytesIO(target.read_bytes()) if is_uri(path) else path
+        loaded = np.load(source, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            data = None  # a bare .npy array
+        else:
+            with loaded as z:
+                data = {k: z[k] for k in z.files}
+    except ValueError as e:  # neither .npz nor .npy: numpy's message is about pickles
+        raise SearchError(f"{not_index}: not an .npz file") from e
+    except OSError as e:
+        raise SearchError(f"{not_index}: {e}") from e
+    if data is None:
+        raise SearchError(f"{not_index}: it holds a single .npy array")
+    missing = [k for k in ("global", "paths", "meta") if k not in data]
+    if missing:
+        raise SearchError(f"{not_index}: it lacks {missing}")
+    try:
         meta = json.loads(str(data["meta"]))
-    except (OSError, ValueError, KeyError) as e:
-        raise SearchError(f"{path!r} is not a search index (.npz with global/paths/meta): {e}") from e
-    if meta.get("format") != INDEX_FORMAT:
-        raise SearchError(f"{path!r}: meta format is {meta.get('format')!r}, expected {INDEX_FORMAT!r}")
+    except ValueError as e:
+        raise SearchError(f"{not_index}: its meta is not JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise SearchError(f"{path!r}: meta format is {got!r}, expected {INDEX_FORMAT!r}")
     return ImageIndex(data["global"], data.get("tokens"), data.get("mask"),
                       [str(p) for p in data["paths"]], meta)
 

@@ -53,12 +53,14 @@ def _fit_text(draw, text: str, font, width: int) -> str:
 
 def render_grid(texts: Sequence[str], paths: Sequence[Sequence[str]], scores, image_root: str,
                 out_path: str | None = None, ground_truth: Sequence[Sequence[str]] | None = None,
-                thumb: tuple[int, int] = (128, 128)):
+                thumb: tuple[int, int] = (128, 128), cosine=None):
     """PNG grid of search results -> (PIL.Image, GridLayout).
 
     One row per query (texts[q] above it), thumbnails of paths[q] (relative to image_root), each
-    with its score below; with ground_truth (Q lists of relative paths) a correct match is outlined
-    in green (4 px), others in thin grey (1 px). Writes `out_path` when given.
+    with its score below (scores [Q, k]; with cosine [Q, k], e.g. SearchResult.cosine of a
+    two-stage search, "cos" and the global cosine follow it, cut to the thumbnail's width); with
+    ground_truth (Q lists of relative paths) a correct match is outlined in green (4 px), others in
+    thin grey (1 px). Writes `out_path` when given (local or gs://).
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -90,7 +92,11 @@ def render_grid(texts: Sequence[str], paths: Sequence[Sequence[str]], scores, im
             width = 4 if hit else 1
             draw.rectangle((bx0 - width, by0 - width, bx1 - 1 + width, by1 - 1 + width),
                            outline=GREEN if hit else GREY, width=width)
-            draw.text((bx0, by1 + layout.pad - 2), f"#{c + 1}  {float(scores[r][c]):.3f}", fill=(0, 0, 0), font=font)
+            label = f"#{c + 1}  {float(scores[r][c]):.3f}"
+            if cosine is not None:
+                label += f"  cos {float(cosine[r][c]):.3f}"
+            draw.text((bx0, by1 + layout.pad - 2), _fit_text(draw, label, font, layout.cell[1] - 2),
+                      fill=(0, 0, 0), font=font)
     if out_path:
         from xmr_jax.logging_utils import as_path
 
