@@ -38,7 +38,7 @@ def _irra_like_params():
     }
 
 
-# Expected (lr, wd) per path name under the SPEC 4 table (base lr 1e-5, wd 4e-5).
+# Expected (lr, wd) per path name under IRRA's parameter groups (base lr 1e-5, wd 4e-5).
 EXPECTED = {
     "params/base_model/visual/conv1/kernel": (1e-5, 4e-5),
     "params/base_model/visual/ln_post/scale": (1e-5, 4e-5),
@@ -114,7 +114,7 @@ def test_epoch_schedule_equals_formula_epochs_0_to_59():
     got = np.asarray(jax.jit(jax.vmap(factor))(steps))
     want = np.array([_spec_factor(s // spe) for s in steps])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    # Spot values from SPEC 4: epoch 0 -> 0.1, epoch 4 -> 0.82, epoch 5 -> 1.0.
+    # Spot values of IRRA's warmup (factor 0.1, 5 epochs): epoch 0 -> 0.1, epoch 4 -> 0.82, epoch 5 -> 1.0.
     np.testing.assert_allclose(got[[0, 4 * spe, 5 * spe]], [0.1, 0.82, 1.0], rtol=1e-6)
     _, lr_fn = optim.make_optimizer(cfg, {"w": jnp.zeros(2)}, spe)
     assert float(lr_fn(5 * spe)) == pytest.approx(1e-5, rel=1e-6)

@@ -6,7 +6,7 @@ on static shapes. Shape errors are reported as ``ValueError`` naming the argumen
 
 Notation: B = batch size, D = embedding width, C = number of identity classes, V = vocabulary.
 Feature arguments are UNNORMALIZED unless stated otherwise; the functions L2-normalize where the
-reference systems do (see /work/shared/SPEC.md sections 3 and 6), with the library's one
+reference systems do (docs/semantics.md, section 5 'Losses'), with the library's one
 normalization, `xmr_jax.similarity.l2_normalize` (torch.nn.functional.normalize's eps: the norm is
 clamped at 1e-12).
 """
@@ -276,7 +276,7 @@ def cmc_loss(
     positive_mask=None,
     negatives: str = "hardest",
 ):
-    """Consistent multimodal contrastive loss of TGDT (SPEC section 6).
+    """Consistent multimodal contrastive loss of TGDT (docs/semantics.md, section 5).
 
     total = inter(S_global) + intra + inter(local_sim), where
     - `S_global = norm(V) @ norm(T).T` [B, B] (rows images, cols texts, cosine);

@@ -1,4 +1,4 @@
-"""TGDT on CLIP-style towers: normalized global features + token features, CMC training (SPEC 6).
+"""TGDT on CLIP-style towers: global features + token features, CMC training (docs/semantics.md, section 5).
 
 The towers are the plain CLIP dual encoder (`base_model`); TGDT adds no parameters. What makes it
 TGDT is the objective (consistent multimodal contrastive loss on global and token-level
