@@ -220,7 +220,8 @@ def test_save_params_round_trip(tmp_path):
     params = _state(seed=3).params
     step_dir = checkpoints.save_params(tmp_path / "out", params)
     assert step_dir == str(tmp_path / "out" / "checkpoints" / "0")
-    assert checkpoints.is_checkpoint_path(tmp_path / "out") and checkpoints.is_checkpoint_path(step_dir)
+    for path in (tmp_path / "out", tmp_path / "out" / "checkpoints", step_dir):
+        assert checkpoints.is_checkpoint_path(path)
     assert not checkpoints.is_checkpoint_path(tmp_path)
     loaded, step = checkpoints.load_params(tmp_path / "out", host=True)
     assert step == 0

@@ -166,7 +166,9 @@ def test_cli_from_training_workdir(tiny, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, params)
     with pytest.raises(FileNotFoundError, match=r"^--checkpoint=.*: no checkpoint for step 5 .*saved steps: \[3, 7\]"):
         ex.load_params_for_export(str(workdir), step=5)
-    # one step folder: its params, and the model from the workdir's config.json two levels up
+    # the checkpoints folder (newest step) and one step folder: the model from the workdir's config.json
+    _, newest = ex.load_for_export(str(workdir / "checkpoints"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), newest, params)
     step_model, step3 = ex.load_for_export(str(workdir / "checkpoints" / "3"))
     assert step_model == model.clone(dtype=step_model.dtype)
     assert all(not np.asarray(x).any() for x in jax.tree.leaves(step3))  # step 3 was saved zeroed

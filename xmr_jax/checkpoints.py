@@ -410,9 +410,14 @@ def _checkpoints_folder(path: Any, step: int | None, flag: str | None) -> tuple[
 
 def is_checkpoint_path(path: Any) -> bool:
     """True when `path` is a folder that `find_checkpoint` would search: a workdir with a
-    checkpoints folder, or one <step> folder holding a 'state' item (reads folder names only)."""
+    checkpoints folder, a checkpoints folder (holding <step>/state folders) or one <step> folder
+    holding a 'state' item. Reads folder names only."""
     p = logging_utils.as_path(path)
-    return p.is_dir() and ((p / "checkpoints").is_dir() or (p / "state").is_dir())
+    if not p.is_dir():
+        return False
+    if (p / "checkpoints").is_dir() or (p / "state").is_dir():
+        return True
+    return any(c.name.isdigit() and (c / "state").is_dir() for c in p.iterdir())
 
 
 class _reader:  # pylint: disable=invalid-name
