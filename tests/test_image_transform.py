@@ -12,6 +12,8 @@ from xmr_jax import image_transform as it
 
 # (h, w) sources for a 384x128 (HxW) target: shrink both axes, shrink H only, enlarge, same size.
 SOURCES = ((700, 260), (500, 128), (300, 100), (384, 128))
+# Each axis on its own: H enlarges while W shrinks, and the reverse.
+MIXED = ((100, 200), (500, 64))
 
 
 def _noise(h, w, seed):
@@ -55,7 +57,7 @@ def test_host_transform_equals_tf_eval_transform(tmp_path):
     from data_pipelines import preprocess as pp
 
     assert pp.CLIP_MEAN is it.CLIP_MEAN and pp.CLIP_STD is it.CLIP_STD  # one copy of the constants
-    for (h, w), seed in zip(SOURCES, range(10, 14)):
+    for (h, w), seed in zip(SOURCES + MIXED, range(10, 16)):
         for fmt, make in (("png", _noise), ("jpg", _smooth)):
             path = tmp_path / f"{h}x{w}.{fmt}"
             Image.fromarray(make(h, w, seed)).save(path, **({"quality": 90} if fmt == "jpg" else {}))
