@@ -4,6 +4,7 @@ positional-embedding resize vs torch, error messages, CLI and formats, HF export
 import functools
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -200,6 +201,14 @@ def test_cli_writes_loadable_output(openai_pt, tmp_path, fmt):
     assert model == want_model
     _assert_tree_equal(params, want)
     assert convert_main(["--input", str(tmp_path / "missing.pt"), "--output", out]) == 2
+    if fmt == "orbax":  # the trainer's checkpoint layout, replaced when converted again
+        assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["0"]
+        assert convert_main(["--input", openai_pt, "--output", out, "--image_size", "48,32", "--format", fmt,
+                             "--vision_heads", "4", "--text_heads", "4"]) == 0
+        _assert_tree_equal(load_clip(out)[1], want)
+        shutil.rmtree(os.path.join(out, "checkpoints"))
+        with pytest.raises(FileNotFoundError, match="params_format 'orbax' but there is no checkpoints/"):
+            load_clip(out)
 
 
 # ---------------------------------------------------------------- export to transformers
