@@ -90,7 +90,7 @@ def compile_step(config):
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
     batch_sh = parallel.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype, sharding=batch_sh) for k, v in dummy.items()}
-    step = jax.jit(train.make_train_step(model, family.losses, tx, config),
+    step = jax.jit(train.make_train_step(model, family.loss_fn(config), tx),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
     compiled = step.lower(state, batch).compile()
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -65,8 +65,13 @@ def _convert(key: str, raw: str, default: Any) -> Any:
 
 
 def mesh_config(strategy: str = "data") -> ml_collections.ConfigDict:
-    """Device mesh: `data` axis size (-1 = all devices), `fsdp` axis size, sharding strategy."""
-    return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "strategy": strategy})
+    """Device mesh: `data` axis size (-1 = all devices), `fsdp` axis size, sharding strategy, and
+    sharding rules: ordered (regex, spec) pairs; the first regex found in a train-state leaf's path
+    name (e.g. "params/base_model/text/token_embedding/embedding", which its Adam moments'
+    ".../mu/base_model/text/..." also contain) sets its spec: "replicated", "fsdp" (split the
+    largest divisible dimension) or a tuple of mesh axis names / None per dimension, e.g.
+    ("token_embedding", ("fsdp", None)). Leaves no rule matches follow the strategy."""
+    return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "strategy": strategy, "rules": []})
 
 
 def trainer_defaults(config: ml_collections.ConfigDict) -> None:
@@ -77,11 +82,19 @@ def trainer_defaults(config: ml_collections.ConfigDict) -> None:
     config.async_checkpoints = True
     config.eval_every_epochs = 0  # 0 = evaluate only after training
     config.eval_batch_size = 256
+    # Evaluators, big_vision style: name -> kind ("" = the model family's: "person" / "caption"),
+    # split ("" = config.data.eval_split), every_epochs (0 = only after training; the default one
+    # follows config.eval_every_epochs), prefix (report file {prefix}_metrics.json, TensorBoard /
+    # metrics.jsonl split, table title), and optionally the kind's settings (caption: k_t2i,
+    # k_i2t, local_scale, local_exhaustive, coco_1k_folds, coco_1k_fold_size) over the family's.
+    config.evals = ml_collections.ConfigDict({"eval": {
+        "kind": "", "split": "", "every_epochs": config.get_ref("eval_every_epochs"), "prefix": "eval"}})
     config.precision = "bfloat16"
     config.mesh = mesh_config()
     config.profile_steps = ()  # e.g. (10, 20): jax.profiler trace from step 10 to 20
     config.profile_dir = ""  # default: WORKDIR/profile
     config.progress_bar = True
+    config.param_table = True  # print which parameter got which lr / weight decay / sharding at start
 
 
 def irra_config(dataset: str, num_classes: int, arg: str | None) -> ml_collections.ConfigDict:

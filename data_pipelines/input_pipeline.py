@@ -3,13 +3,15 @@
 Entry points: from_config(config, process_index, process_count) -> PipelineData (what the trainer
 uses); train_dataset / eval_gallery / eval_queries / dataset_metadata / eval_sizes underneath.
 
-Data layout (see /work/contracts.md): a builder yields one example per image with `captions`;
+Data layout (data_pipelines/builders): a builder yields one example per image with `captions`;
 training uses one sample per caption.
 
-Captions are tokenized ONCE per (data set, split) in NumPy with the CLIP tokenizer (IRRA's mask
-variant) when the pipeline is built -- faster than a tf.py_function per sample and identical
-across workers. The token table is then looked up inside tf.data by caption row; MLM masking runs
-in tf.data with stateless draws (xmr_jax.tokenizer.apply_mlm_rule).
+Text follows the model family's TextSpec (xmr_jax.models.families; `text=`, default CLIP_TEXT_MLM:
+the CLIP tokenizer in IRRA's mask variant, with MLM inputs). Captions are tokenized ONCE per
+(data set, split, text scheme, context length) in NumPy when the pipeline is built -- faster than
+a tf.py_function per sample and identical across workers. The token table is then looked up
+inside tf.data by caption row; when the TextSpec has an MLM masker, the batch also gets
+mlm_ids / mlm_labels, drawn in tf.data with stateless seeds.
 
 Determinism: the training stream is (host shard -> one sample per caption -> shuffle(seed) ->
 repeat -> enumerate -> map); each sample's augmentation and MLM seeds are folded from
@@ -44,6 +46,8 @@ import numpy as np
 from data_pipelines import preprocess  # noqa: F401  (sets TF log level and hides GPUs first)
 import tensorflow as tf  # noqa: E402,I001
 import tensorflow_datasets as tfds  # noqa: E402
+
+from xmr_jax.models.families import CLIP_TEXT_MLM, TextSpec  # noqa: E402
 
 CONTEXT_LENGTH = 77
 _BUILDERS_DIR = Path(__file__).resolve().parent / "builders"
@@ -139,9 +143,9 @@ class SplitIndex:
 
 
 @functools.lru_cache(maxsize=16)
-def _split_index(name: str, data_dir: str | None, split: str, context_length: int) -> SplitIndex:
-    from xmr_jax.tokenizer import default_tokenizer
-
+def _split_captions(name: str, data_dir: str | None, split: str):
+    """(image_pids int64 [I], caption_start int64 [I], caption_count int64 [I], caption_image int64
+    [C], captions list of C str) of a split, read once."""
     builder = get_builder(name, data_dir)
     _check_split(builder, split)
     ds = builder.as_dataset(split=split, shuffle_files=False,
@@ -164,15 +168,24 @@ def _split_index(name: str, data_dir: str | None, split: str, context_length: in
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     captions = [c for i in range(n) for c in records[i][1]]
     caption_image = np.repeat(np.arange(n, dtype=np.int64), counts)
-    tokenizer = default_tokenizer(mask_token=True, context_length=context_length)
-    token_ids = tokenizer.encode(captions).astype(np.int32)
+    return image_pids, starts, counts, caption_image, captions
+
+
+@functools.lru_cache(maxsize=16)
+def _split_index(name: str, data_dir: str | None, split: str, context_length: int, text: TextSpec) -> SplitIndex:
+    image_pids, starts, counts, caption_image, captions = _split_captions(name, data_dir, split)
+    token_ids = np.asarray(text.tokenizer(context_length).encode(captions)).astype(np.int32)
+    if token_ids.shape != (len(captions), context_length):
+        raise DataError(f"text scheme {text.name!r} gave token ids of shape {token_ids.shape} for {name!r} split "
+                        f"{split!r}; expected ({len(captions)}, {context_length})")
     return SplitIndex(name, split, image_pids, starts, counts, caption_image, token_ids, captions)
 
 
 def split_index(name: str, data_dir: str | os.PathLike | None, split: str,
-                context_length: int = CONTEXT_LENGTH) -> SplitIndex:
-    """Captions, tokens [num_captions, context_length] and pids of a split (built once, cached)."""
-    return _split_index(name, None if data_dir is None else str(data_dir), split, int(context_length))
+                context_length: int = CONTEXT_LENGTH, text: TextSpec = CLIP_TEXT_MLM) -> SplitIndex:
+    """Captions, tokens [num_captions, context_length] (by `text.tokenizer`) and pids of a split
+    (built once per text scheme and context length, cached)."""
+    return _split_index(name, None if data_dir is None else str(data_dir), split, int(context_length), text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,9 +212,8 @@ class DatasetMeta:
 
 def dataset_metadata(name: str, data_dir, split: str = "train") -> DatasetMeta:
     """DatasetMeta of a split (reads the captions once; no image decoding)."""
-    index = split_index(name, data_dir, split)
-    return DatasetMeta(name, split, index.num_images, index.num_captions,
-                       int(np.unique(index.image_pids).size))
+    image_pids, _, _, caption_image, _ = _split_captions(name, None if data_dir is None else str(data_dir), split)
+    return DatasetMeta(name, split, len(image_pids), len(caption_image), int(np.unique(image_pids).size))
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -261,7 +273,8 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
                      mlm_prob: float = 0.15, process_index: int = 0, process_count: int = 1,
                      shuffle_buffer: int | None = None, cache: bool | None = None,
                      start_step: int = 0, num_epochs: int | None = None,
-                     flip: bool | None = None, context_length: int = CONTEXT_LENGTH) -> tf.data.Dataset:
+                     flip: bool | None = None, context_length: int = CONTEXT_LENGTH,
+                     text: TextSpec = CLIP_TEXT_MLM) -> tf.data.Dataset:
     """The tf.data.Dataset behind `train_dataset` (same arguments); elements are dicts of tensors."""
     size = _image_size(image_size)
     _check_process(process_index, process_count)
@@ -271,7 +284,7 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
         raise ValueError(f"mlm_prob must be in [0, 1], got {mlm_prob}")
     builder = get_builder(name, data_dir)
     _check_split(builder, split)
-    index = split_index(name, data_dir, split, context_length)
+    index = split_index(name, data_dir, split, context_length, text)
     host_split = _host_split(split, process_index, process_count)
     local_images = host_image_indices(name, data_dir, split, process_index, process_count)
     num_local = int(index.caption_count[local_images].sum())
@@ -317,7 +330,8 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
             "pids": tf.cast(sample["pid"], tf.int32),
             "image_ids": tf.cast(sample["image_index"], tf.int32),
         }
-        out["mlm_ids"], out["mlm_labels"] = preprocess.mlm_mask(text_ids, seeds[3], mlm_prob)
+        if text.mlm_mask is not None:
+            out["mlm_ids"], out["mlm_labels"] = text.mlm_mask(text_ids, seeds[3], mlm_prob)
         return out
 
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -331,7 +345,8 @@ def train_dataset(name: str, data_dir, split: str = "train", image_size=(384, 12
                   mlm_prob: float = 0.15, process_index: int = 0, process_count: int = 1,
                   shuffle_buffer: int | None = None, cache: bool | None = None,
                   start_step: int = 0, num_epochs: int | None = None,
-                  flip: bool | None = None, context_length: int = CONTEXT_LENGTH) -> Iterator[dict]:
+                  flip: bool | None = None, context_length: int = CONTEXT_LENGTH,
+                  text: TextSpec = CLIP_TEXT_MLM) -> Iterator[dict]:
     """Endless (num_epochs=None) iterator of training batches for this process.
 
     Args:
@@ -350,14 +365,15 @@ def train_dataset(name: str, data_dir, split: str = "train", image_size=(384, 12
       num_epochs: None = repeat forever.
       flip: random horizontal flip; None = follow `augment` (augment=False, flip=True: flip only).
       context_length: T, the text tower's context (captions tokenized, cut and padded to T).
+      text: the tokenizer and MLM masker (the model family's `text(config)`).
 
     Yields dicts of NumPy arrays: images float32 [B,H,W,3] (normalized NHWC), text_ids int32
-    [B,T], mlm_ids int32 [B,T], mlm_labels int32 [B,T] (0 = ignore), pids int32 [B],
-    image_ids int32 [B] (the image_index).
+    [B,T], pids int32 [B], image_ids int32 [B] (the image_index), and when text.mlm_mask is set
+    mlm_ids int32 [B,T], mlm_labels int32 [B,T] (0 = ignore).
     """
     ds = train_tf_dataset(name, data_dir, split, image_size, batch_size, seed, augment, mlm_prob,
                           process_index, process_count, shuffle_buffer, cache, start_step, num_epochs,
-                          flip, context_length)
+                          flip, context_length, text)
     return ds.as_numpy_iterator()
 
 
@@ -379,9 +395,9 @@ def eval_sizes(name: str, data_dir, split: str = "test", batch_size: int = 64,
     _check_process(process_index, process_count)
     builder = get_builder(name, data_dir)
     _check_split(builder, split)
-    index = split_index(name, data_dir, split)
+    num_captions = len(_split_captions(name, None if data_dir is None else str(data_dir), split)[3])
     image_counts = _host_image_counts(builder, split, process_count)
-    query_counts = [len(r) for r in np.array_split(np.arange(index.num_captions), process_count)]
+    query_counts = [len(r) for r in np.array_split(np.arange(num_captions), process_count)]
     return EvalSizes(image_counts[process_index], query_counts[process_index],
                      math.ceil(max(image_counts) / batch_size), math.ceil(max(query_counts) / batch_size))
 
@@ -429,19 +445,17 @@ def eval_gallery(name: str, data_dir, split: str = "test", image_size=(384, 128)
 
 def eval_queries(name: str, data_dir, split: str = "test", batch_size: int = 64,
                  process_index: int = 0, process_count: int = 1,
-                 context_length: int = CONTEXT_LENGTH) -> Iterator[dict]:
+                 context_length: int = CONTEXT_LENGTH, text: TextSpec = CLIP_TEXT_MLM) -> Iterator[dict]:
     """Each caption of this host's contiguous caption range once, in batches of batch_size.
 
     Yields dicts: text_ids int32 [B,context_length], pids int32 [B], image_ids int32 [B], valid bool [B].
-    Padding rows hold the empty caption [SOT, EOT, 0, ...] (safe for EOT pooling).
+    Padding rows hold `text.pad_caption` (CLIP: the empty caption [SOT, EOT, 0, ...], safe for EOT
+    pooling).
     """
-    from xmr_jax.tokenizer import EOT_ID, SOT_ID
-
     sizes = eval_sizes(name, data_dir, split, batch_size, process_index, process_count)
-    index = split_index(name, data_dir, split, context_length)
+    index = split_index(name, data_dir, split, context_length, text)
     rows = np.array_split(np.arange(index.num_captions), process_count)[process_index]
-    empty_caption = np.zeros((context_length,), np.int32)
-    empty_caption[:2] = (SOT_ID, EOT_ID)
+    empty_caption = np.asarray(text.pad_caption(context_length), np.int32)
     pids = index.caption_pids.astype(np.int32)
     image_ids = index.caption_image.astype(np.int32)
     for b in range(sizes.num_query_batches):
@@ -455,7 +469,9 @@ def eval_queries(name: str, data_dir, split: str = "test", batch_size: int = 64,
 @dataclasses.dataclass(frozen=True)
 class PipelineData:
     """What the trainer needs. train_iter(start_step) / gallery_iter() / query_iter() return fresh
-    iterators of per-process NumPy batches; steps_per_epoch counts global batches."""
+    iterators of per-process NumPy batches (the evaluation pair for config.data.eval_split);
+    eval_iters(split) -> (gallery_iter, query_iter) gives the pair for any split; steps_per_epoch
+    counts global batches."""
 
     train_iter: object
     gallery_iter: object
@@ -464,6 +480,7 @@ class PipelineData:
     steps_per_epoch: int
     train_meta: DatasetMeta
     eval_sizes: EvalSizes
+    eval_iters: object
 
 
 def _per_process(global_batch: int, process_count: int, field: str) -> int:
@@ -473,9 +490,11 @@ def _per_process(global_batch: int, process_count: int, field: str) -> int:
     return global_batch // process_count
 
 
-def from_config(config, process_index: int = 0, process_count: int = 1) -> PipelineData:
+def from_config(config, process_index: int = 0, process_count: int = 1,
+                text: TextSpec = CLIP_TEXT_MLM) -> PipelineData:
     """Builds the pipelines from a trainer config (config.data.*, batch_size, eval_batch_size, seed).
 
+    text: how captions become inputs; the trainer passes its model family's `text(config)`.
     config.data: name, config_name ("" = the builder's default), data_dir ("" = TFDS default),
     manual_dir, image_size, augment, flip, mlm_prob, train_split, eval_split, shuffle_buffer,
     context_length (default 77; must equal the text tower's).
@@ -498,17 +517,24 @@ def from_config(config, process_index: int = 0, process_count: int = 1) -> Pipel
     kwargs = dict(image_size=size, batch_size=batch, seed=int(config.seed), augment=bool(d.augment),
                   flip=d.get("flip"), mlm_prob=float(d.get("mlm_prob", 0.15)),
                   process_index=process_index, process_count=process_count,
-                  shuffle_buffer=d.get("shuffle_buffer"), context_length=context)
+                  shuffle_buffer=d.get("shuffle_buffer"), context_length=context, text=text)
 
     def train_iter(start_step: int = 0):
         return train_dataset(name, data_dir, train_split, start_step=start_step, **kwargs)
 
-    def gallery_iter():
-        return eval_gallery(name, data_dir, eval_split, size, eval_batch, process_index, process_count)
+    def eval_iters(split: str):
+        _check_split(get_builder(name, data_dir), split)
 
-    def query_iter():
-        return eval_queries(name, data_dir, eval_split, eval_batch, process_index, process_count, context)
+        def gallery_iter():
+            return eval_gallery(name, data_dir, split, size, eval_batch, process_index, process_count)
 
+        def query_iter():
+            return eval_queries(name, data_dir, split, eval_batch, process_index, process_count, context, text)
+
+        return gallery_iter, query_iter
+
+    gallery_iter, query_iter = eval_iters(eval_split)
     return PipelineData(train_iter, gallery_iter, query_iter, meta.num_classes,
                         meta.steps_per_epoch(int(config.batch_size)), meta,
-                        eval_sizes(name, data_dir, eval_split, eval_batch, process_index, process_count))
+                        eval_sizes(name, data_dir, eval_split, eval_batch, process_index, process_count),
+                        eval_iters)

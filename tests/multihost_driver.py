@@ -6,7 +6,7 @@ r"""One process of a multi-process (or single-process) run of the real trainer o
 Each process gets DEVICES_PER_PROCESS simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count, set here before jax is imported) and, when
 NUM_PROCESSES > 1, joins the job through jax.distributed (coordinator 127.0.0.1:PORT, CPU
-collectives over gloo). It trains the tiny IRRA of tests/train_fixtures.py (sdm+id+mlm, global
+collectives over gloo). It trains the tiny IRRA of tests/train_fixtures.py (sdm+id, global
 batch 8, Adam eps 1e-3) for --steps steps with log_every=1, feeding process i rows
 [i*8/N, (i+1)*8/N) of each step's deterministic global batch; the trainer saves the final orbax
 checkpoint from all processes into WORKDIR/checkpoints and process 0 writes WORKDIR/metrics.jsonl.

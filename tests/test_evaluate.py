@@ -170,3 +170,37 @@ def test_person_metrics_on_the_mesh_equal_host():
     sim = similarity.global_similarity(txt["global"], img["global"])
     want = metrics.person_retrieval_metrics(np.asarray(sim), txt["ids"], img["ids"])
     assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_evaluator_specs_from_the_config():
+    """config.evals: defaults from the family and the data config, kind settings over the family's,
+    and one-line errors that name the field."""
+    from configs import common
+    from tests.train_fixtures import tiny_config
+
+    config = tiny_config()
+    config.eval_every_epochs = 2  # the default evaluator follows it
+    (spec,) = evaluate.evaluator_specs(config)
+    assert (spec.name, spec.kind, spec.split, spec.every_epochs, spec.prefix, dict(spec.settings)) == (
+        "eval", "person", "test", 2, "eval", {})
+
+    config = tiny_config(model_family="tgdt", loss_names="cmc")
+    config.tgdt = common.tgdt_defaults("image_id")
+    config.tgdt.k_t2i = 7
+    config.evals.val = dict(kind="", split="val", every_epochs=1, prefix="val", coco_1k_folds=2, k_i2t=3)
+    default, val = evaluate.evaluator_specs(config)
+    assert default.kind == val.kind == "caption" and val.split == "val"
+    assert default.settings["k_t2i"] == val.settings["k_t2i"] == 7            # config.tgdt
+    assert (val.settings["k_i2t"], val.settings["coco_1k_folds"]) == (3, 2)   # the entry's own
+    assert default.settings["coco_1k_folds"] == 0
+
+    for entry, message in [
+        (dict(kind="ranking"), "config.evals.bad.kind='ranking'"),
+        (dict(every_epochs=-1), "config.evals.bad.every_epochs=-1"),
+        (dict(prefix="eval"), "config.evals.eval.prefix='eval': config.evals.bad has it too"),
+        (dict(prefix="x", kind="person", k_t2i=5), r"config.evals.bad: \['k_t2i'\] are not settings of kind 'person'"),
+    ]:
+        config = tiny_config()
+        config.evals.bad = dict(dict(kind="", split="", every_epochs=0, prefix="other"), **entry)
+        with pytest.raises(ValueError, match=message):
+            evaluate.evaluator_specs(config)

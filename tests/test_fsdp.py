@@ -1,6 +1,6 @@
 """FSDP: the real trainer with mesh.strategy="fsdp" equals pure data parallelism, and shards params.
 
-8 simulated CPU devices (tests/conftest.py). Tiny IRRA (sdm+id+mlm) from tests/train_fixtures.py,
+8 simulated CPU devices (tests/conftest.py). Tiny IRRA (sdm+id) from tests/train_fixtures.py,
 2 optimizer steps with IRRA's Adam eps (1e-3). Meshes: data=8 fsdp=1 with strategy "data"
 (reference), data=1 fsdp=8 and data=2 fsdp=4 with strategy "fsdp". The only expected difference is
 the float32 reduction order of the gathered/scattered gradients.
@@ -92,7 +92,7 @@ def _fsdp_config(data=1, fsdp=8):
 
 def _model_and_tx(config):
     model = get_family(config.model_family).build(config)
-    tx, _ = optim.make_optimizer(config.optim, train.abstract_params(model, config.data.image_size), 2)
+    tx, _ = optim.make_optimizer(config.optim, train.abstract_params(model, config), 2)
     return model, tx
 
 
@@ -206,15 +206,14 @@ def test_sharded_init_never_holds_a_full_copy(fsdp_init, monkeypatch):
     for x, sh in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
         assert x.sharding == sh
     # Same values as the unsharded init (same rng): sharding changes only the placement.
-    ref = train.create_train_state(train.init_params(model, config, config.data.image_size,
-                                                     jax.random.PRNGKey(0)), tx)
+    ref = train.create_train_state(train.init_params(model, config, jax.random.PRNGKey(0)), tx)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # Negative control: the same checks catch the old path (jit(model.init) with no
     # out_shardings, then jit(create_train_state) with out_shardings): a full copy on one device.
     spy = _JitSpy(monkeypatch)
-    params_old = train.init_params(model, config, config.data.image_size, jax.random.PRNGKey(0))
+    params_old = train.init_params(model, config, jax.random.PRNGKey(0))
     jax.jit(lambda p: train.create_train_state(p, tx), out_shardings=shardings)(params_old)
     monkeypatch.undo()
     with pytest.raises(AssertionError):
@@ -228,8 +227,7 @@ def test_init_checkpoint_is_placed_shard_by_shard(fsdp_init, tmp_path, monkeypat
     from xmr_jax import convert
 
     config, model, tx, mesh, init = fsdp_init
-    clip = jax.device_get(train.init_params(model, config, config.data.image_size,
-                                            jax.random.PRNGKey(7))["base_model"])
+    clip = jax.device_get(train.init_params(model, config, jax.random.PRNGKey(7))["base_model"])
     convert.save_converted(model.base_model, clip, str(tmp_path / "clip"))
     config = _fsdp_config()
     config.model.init_checkpoint = str(tmp_path / "clip")
@@ -255,7 +253,7 @@ def test_init_checkpoint_is_placed_shard_by_shard(fsdp_init, tmp_path, monkeypat
     for a, b in zip(jax.tree.leaves(clip), jax.tree.leaves(state.params["base_model"])):
         np.testing.assert_array_equal(a, np.asarray(b))
     # the rest of the model is the random init; the optimizer state starts at zero
-    ref = train.init_params(model, _fsdp_config(), config.data.image_size, jax.random.PRNGKey(0))
+    ref = train.init_params(model, _fsdp_config(), jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(ref["classifier"]["kernel"]),
                                   np.asarray(state.params["classifier"]["kernel"]))
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state) if x.size > 1)

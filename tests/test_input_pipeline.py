@@ -407,3 +407,48 @@ def test_from_config_and_flip_only_mode(data_dir):
     config.batch_size = 7
     with pytest.raises(ValueError, match="batch_size=7 must be a positive multiple"):
         ip.from_config(config, 0, 2)
+
+
+# ----------------------------------------------------------------------------- text schemes
+
+class _WordCount:
+    """A toy tokenizer: [1 + number of words, 0, ...] per caption (known answer per row)."""
+
+    def __init__(self, context_length):
+        self.context_length = context_length
+
+    def encode(self, captions):
+        out = np.zeros((len(captions), self.context_length), np.int32)
+        out[:, 0] = [1 + len(c.split()) for c in captions]
+        return out
+
+
+def test_text_scheme_sets_tokens_padding_and_mlm_fields(data_dir):
+    """The model family's TextSpec: its tokenizer fills text_ids, its padding caption fills the
+    padding query rows, and MLM inputs exist only when it has an MLM masker."""
+    from xmr_jax.models.families import CLIP_TEXT, TextSpec
+
+    plain = next(ip.train_dataset(NAME, data_dir, image_size=SIZE, batch_size=8, seed=0, text=CLIP_TEXT))
+    assert set(plain) == {"images", "text_ids", "pids", "image_ids"}
+    with_mlm = next(ip.train_dataset(NAME, data_dir, image_size=SIZE, batch_size=8, seed=0))
+    # Same stream either way: the MLM draws use their own seed.
+    np.testing.assert_array_equal(plain["images"], with_mlm["images"])
+    np.testing.assert_array_equal(plain["text_ids"], with_mlm["text_ids"])
+
+    pad = lambda t: np.full((t,), 7, np.int32)  # noqa: E731
+    words = TextSpec("word_count", _WordCount, pad)
+    index = ip.split_index(NAME, data_dir, "test", context_length=5, text=words)
+    np.testing.assert_array_equal(index.token_ids[:, 0], [1 + len(c.split()) for c in index.captions])
+    batches = list(ip.eval_queries(NAME, data_dir, "test", batch_size=5, context_length=5, text=words))
+    rows = np.concatenate([b["text_ids"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert valid.sum() == index.num_captions and (~valid).any()
+    np.testing.assert_array_equal(rows[valid], index.token_ids)
+    assert np.all(rows[~valid] == 7)
+    batch = next(ip.train_dataset(NAME, data_dir, image_size=SIZE, batch_size=8, seed=0, context_length=5,
+                                  text=words))
+    train = ip.split_index(NAME, data_dir, "train", context_length=5, text=words)
+    assert batch["text_ids"].shape == (8, 5) and "mlm_ids" not in batch
+    for img, tokens in zip(batch["image_ids"], batch["text_ids"]):
+        start, count = train.caption_start[img], train.caption_count[img]
+        assert any(np.array_equal(tokens, row) for row in train.token_ids[start:start + count])

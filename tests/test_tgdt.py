@@ -54,10 +54,10 @@ def test_train_step_lowers_cmc_loss():
     train.validate_config(config)
     family = get_family("tgdt")
     model = family.build(config)
-    params = train.init_params(model, config, config.data.image_size, jax.random.PRNGKey(0))
+    params = train.init_params(model, config, jax.random.PRNGKey(0))
     tx, _ = optim.make_optimizer(config.optim, params, steps_per_epoch=10)
     state = train.create_train_state(params, tx)
-    step = jax.jit(train.make_train_step(model, family.losses, tx, config))
+    step = jax.jit(train.make_train_step(model, family.loss_fn(config), tx))
     batches = [duplicate_batch(seed) for seed in range(2)]
     first = [float(step(state, b)[1]["loss"]) for b in batches]
     for i in range(20):
@@ -233,7 +233,7 @@ def test_evaluator_reports_5k_and_1k():
     config.tgdt.coco_1k_folds = 2
     config.tgdt.coco_1k_fold_size = 6
     model = get_family("tgdt").build(config)
-    params = train.init_params(model, config, config.data.image_size, jax.random.PRNGKey(0))
+    params = train.init_params(model, config, jax.random.PRNGKey(0))
     mesh = parallel.make_mesh(-1, 1)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((12, 16, 16, 3)).astype(np.float32)
@@ -250,7 +250,7 @@ def test_evaluator_reports_5k_and_1k():
                                                 "image_ids": r.astype(np.int32)})
     query_fn = lambda: batches(24, lambda r: {"text_ids": texts[r], "pids": owner[r].astype(np.int32),
                                               "image_ids": owner[r].astype(np.int32)})
-    result = evaluate.Evaluator(model, mesh, "caption", gallery_fn, query_fn, config).run(params)
+    result = evaluate.Evaluator.for_config(model, mesh, gallery_fn, query_fn, config).run(params)
     expected_keys = {"global", "local", "two_stage", "coco_1k/global", "coco_1k/local", "coco_1k/two_stage"}
     assert expected_keys <= set(result)
     assert (result["num_queries"], result["num_gallery"]) == (24, 12)

@@ -17,7 +17,8 @@ NUM_CLASSES = 6
 
 
 def tiny_config(**overrides):
-    """IRRA (sdm+id+mlm) with 1-layer width-32 towers on 16x16 images, global batch 8."""
+    """IRRA (sdm+id; mlm_chunk=4 for tests that add mlm) with 1-layer width-32 towers on 16x16
+    images, global batch 8."""
     config = demo.get_config("batch_size=8,epochs=2")
     config.model.clip.update(dict(
         image_size=(16, 16), patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
@@ -81,3 +82,28 @@ def iterator_from(start_step: int, on_step=None, batch_size: int = 8, process_in
 def flat_params(state) -> np.ndarray:
     """All parameters of a (single-process) train state, concatenated into one float vector."""
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
+
+
+def reference_person_metrics(similarity, query_pids, gallery_pids) -> dict:
+    """R1/R5/R10/mAP/mINP (percent) query by query in plain Python, written from the definitions
+    (a caption's relevant images are those of its pid; ties ranked by gallery index), to check
+    the library's vectorized metrics against.
+
+    similarity [Nq, Ng] (higher = closer), query_pids [Nq], gallery_pids [Ng].
+    """
+    similarity = np.asarray(similarity, np.float64)
+    out = {"R1": 0.0, "R5": 0.0, "R10": 0.0, "mAP": 0.0, "mINP": 0.0}
+    for q, row in enumerate(similarity):
+        ranked = sorted(range(len(row)), key=lambda g: (-row[g], g))
+        hits = [int(gallery_pids[g] == query_pids[q]) for g in ranked]
+        for k in (1, 5, 10):
+            out[f"R{k}"] += 100.0 * (sum(hits[:k]) > 0)
+        found, precision_sum = 0, 0.0
+        for rank, hit in enumerate(hits, start=1):
+            if hit:
+                found += 1
+                precision_sum += found / rank
+                last = rank
+        out["mAP"] += 100.0 * precision_sum / found
+        out["mINP"] += 100.0 * found / last
+    return {k: v / len(similarity) for k, v in out.items()}

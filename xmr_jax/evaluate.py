@@ -1,9 +1,13 @@
 """Evaluation: encode the gallery and the queries in jitted batches, score on device, report.
 
-Person retrieval (IRRA): text -> image, R1/R5/R10/mAP/mINP over pids (SPEC 5).
-Caption retrieval (TGDT): both directions, R@1/5/10 and rsum, for global-only, local-only and
-two-stage (global top-k, rerank by s_g + s_l) scoring (SPEC 6-7); with config.tgdt.coco_1k_folds
-also the COCO 1K protocol (the same three per fold of 1000 images, averaged; keys "coco_1k/...").
+Two evaluator kinds; config.evals declares which run (kind, split, every_epochs, prefix and the
+kind's settings; `evaluator_specs`), a model family names its default kind and settings
+(xmr_jax.models.families), and `Evaluator.for_config` builds one:
+Person retrieval ("person", IRRA): text -> image, R1/R5/R10/mAP/mINP over pids (SPEC 5).
+Caption retrieval ("caption", TGDT): both directions, R@1/5/10 and rsum, for global-only,
+local-only and two-stage (global top-k, rerank by s_g + s_l) scoring (SPEC 6-7); with the
+coco_1k_folds setting also the COCO 1K protocol (the same three per fold of 1000 images,
+averaged; keys "coco_1k/...").
 
 Features stay on device: the encoders return them L2-normalized (tokens in the compute dtype,
 bfloat16 when config.precision == "bfloat16"), and the batches are assembled device by device
@@ -15,8 +19,8 @@ features' scores [Nq, Ng], ids and validity reach the host. Padded rows of the l
 rows are put back in the order the data came in, so metrics (ties included) equal scoring the
 real rows in that order.
 
-config.tgdt.eval_local_exhaustive (default True): also report the "local" (local similarity
-only) metrics. That is every pair x every valid token pair: Nq x Ng x Lq x Lg x D multiply-adds,
+The caption setting local_exhaustive (default True; config.tgdt.eval_local_exhaustive for the
+tgdt family): also report the "local" (local similarity only) metrics. That is every pair x every valid token pair: Nq x Ng x Lq x Lg x D multiply-adds,
 ~10^15 at COCO-5K size (5000 x 25000 pairs x 196 x ~18 tokens x 512), hours on CPU and minutes
 on accelerators; set False to skip it (two-stage needs only the global top-k).
 """
@@ -28,7 +32,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +50,20 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def encode_split(encode_fn: Callable, params, batches: Iterable[Mapping[str, np.ndarray]], input_key: str,
-                 mesh, keep_tokens: bool) -> dict[str, np.ndarray]:
-    """Runs `encode_fn(params, inputs) -> (global, tokens, mask)` over batches; keeps valid rows.
+def _inputs(batch: Mapping[str, Any], input_key: Union[str, Sequence[str]]) -> list:
+    keys = (input_key,) if isinstance(input_key, str) else tuple(input_key)
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"evaluation batch has no {missing} (its keys: {sorted(batch)}); the model family's "
+                       f"encoder takes {list(keys)}")
+    return [batch[k] for k in keys]
+
+
+def encode_split(encode_fn: Callable, params, batches: Iterable[Mapping[str, np.ndarray]],
+                 input_key: Union[str, Sequence[str]], mesh, keep_tokens: bool) -> dict[str, np.ndarray]:
+    """Runs `encode_fn(params, *inputs) -> (global, tokens, mask)` over batches; keeps valid rows.
+
+    inputs: batch[k] for k in input_key (one key or a sequence of keys).
 
     The host path (small data, tools): returns numpy global [N,D] float32, pids [N],
     image_ids [N] and, with keep_tokens, tokens [N,L,D] (float32) and mask [N,L] bool. The
@@ -57,7 +72,7 @@ def encode_split(encode_fn: Callable, params, batches: Iterable[Mapping[str, np.
     out: dict[str, list] = {"global": [], "pids": [], "image_ids": [], "tokens": [], "mask": []}
     for local in batches:
         batch = parallel.global_batch(local, mesh)
-        g, tok, mask = encode_fn(params, batch[input_key])
+        g, tok, mask = encode_fn(params, *_inputs(batch, input_key))
         valid = _to_host(batch["valid"]).astype(bool)
         out["global"].append(_to_host(g)[valid])
         out["pids"].append(_to_host(batch["pids"])[valid])
@@ -132,8 +147,8 @@ def _assemble(parts: list[jax.Array], window=None) -> jax.Array:
 
 
 def encode_split_on_device(encode_fn: Callable, params, batches: Iterable[Mapping[str, np.ndarray]],
-                           input_key: str, mesh, keep_tokens: bool) -> EncodedSplit:
-    """Runs ``encode_fn(params, inputs) -> (global, tokens, mask)`` (normalized, sharded over the
+                           input_key: Union[str, Sequence[str]], mesh, keep_tokens: bool) -> EncodedSplit:
+    """Runs ``encode_fn(params, *inputs) -> (global, tokens, mask)`` (normalized, sharded over the
     batch axes; tokens/mask None without keep_tokens) over the batches and assembles an
     EncodedSplit without moving features between devices or to the host."""
     sharding = parallel.batch_sharding(mesh)
@@ -142,7 +157,7 @@ def encode_split_on_device(encode_fn: Callable, params, batches: Iterable[Mappin
     start = 0
     for local in batches:
         batch = parallel.global_batch(local, mesh)
-        g, tok, mask = encode_fn(params, batch[input_key])
+        g, tok, mask = encode_fn(params, *_inputs(batch, input_key))
         n = batch["valid"].shape[0]
         order = _arange_fn(n, sharding)(np.int32(start))    # position of each row, on device
         start += n
@@ -327,29 +342,104 @@ def coco_1k_retrieval(query, gallery, folds: int = 5, fold_size: int = 1000, k_t
             for kind in per_fold[0]}
 
 
+CAPTION_SETTINGS = {"k_t2i": 100, "k_i2t": 50, "local_scale": 10.0, "local_exhaustive": True,
+                    "coco_1k_folds": 0, "coco_1k_fold_size": 1000}
+KIND_SETTINGS = {"person": {}, "caption": CAPTION_SETTINGS}
+_SPEC_FIELDS = ("kind", "split", "every_epochs", "prefix")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """One evaluator declared in config.evals, resolved: kind, split, every_epochs (0 = only after
+    training), prefix (names its report and logs) and the kind's settings (family's, then the
+    entry's own)."""
+    name: str
+    kind: str
+    split: str
+    every_epochs: int
+    prefix: str
+    settings: Mapping[str, Any]
+
+
+def evaluator_specs(config) -> list[EvalSpec]:
+    """config.evals -> [EvalSpec] in name order (ConfigDict's); raises ValueError naming the field.
+
+    An entry: kind ("" = the model family's), split ("" = config.data.eval_split), every_epochs
+    (int >= 0), prefix (non-empty, unique), plus any settings of its kind.
+    """
+    from xmr_jax.models.families import get_family
+
+    family = get_family(config.model_family)
+    evals = config.get("evals")
+    if not evals:
+        raise ValueError("config.evals is empty; declare at least one evaluator (see configs/common.py: "
+                         "trainer_defaults)")
+    specs, prefixes = [], {}
+    for name, entry in evals.items():
+        where = f"config.evals.{name}"
+        entry = dict(entry)
+        kind = entry.get("kind") or family.evaluator
+        if kind not in KIND_SETTINGS:
+            raise ValueError(f"{where}.kind={kind!r}: expected one of {sorted(KIND_SETTINGS)} (or '' for the "
+                             f"model family's, {family.evaluator!r})")
+        split = entry.get("split") or config.data.get("eval_split", "test")
+        every = entry.get("every_epochs", 0)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ValueError(f"{where}.every_epochs={every!r}: expected an integer >= 0 (0 = only after training)")
+        prefix = entry.get("prefix") or ""
+        if not isinstance(prefix, str) or not prefix or "/" in prefix:
+            raise ValueError(f"{where}.prefix={prefix!r}: expected a non-empty name without '/'")
+        if prefix in prefixes:
+            raise ValueError(f"{where}.prefix={prefix!r}: config.evals.{prefixes[prefix]} has it too; each "
+                             "evaluator needs its own prefix (it names its report and logs)")
+        prefixes[prefix] = name
+        own = {k: v for k, v in entry.items() if k not in _SPEC_FIELDS}
+        unknown = sorted(set(own) - set(KIND_SETTINGS[kind]))
+        if unknown:
+            raise ValueError(f"{where}: {unknown} are not settings of kind {kind!r}; its settings: "
+                             f"{sorted(KIND_SETTINGS[kind])}, and the fields {list(_SPEC_FIELDS)}")
+        settings = {**(family.eval_settings(config) if kind == family.evaluator else {}), **own}
+        specs.append(EvalSpec(str(name), kind, str(split), int(every), prefix, settings))
+    return specs
+
+
 class Evaluator:
-    """Encodes the eval split with the current params and computes the family's metrics.
+    """Encodes the eval split with the current params and computes the metrics of one kind.
 
     Features stay on device, sharded over the mesh (see the module docstring).
 
     Args:
-      model: module with `encode_image` / `encode_text` methods.
-      kind: "person" (IRRA metrics) or "caption" (TGDT metrics, needs token features).
-      gallery_fn / query_fn: () -> iterator of per-process numpy batches (with `valid`).
+      model: module with `encode_image` / `encode_text` methods returning (global [B,D],
+        tokens [B,L,D], mask [B,L]).
+      kind: "person" (text -> image over pids) or "caption" (both directions; needs token features).
+      gallery_fn / query_fn: () -> iterator of per-process numpy batches (with `valid`, `pids`,
+        `image_ids` and the encoder inputs).
+      settings: the kind's settings (`KIND_SETTINGS`; missing ones take their defaults).
+      precision: "bfloat16" keeps token features in bfloat16 on device, else float32.
+      image_inputs / text_inputs: batch keys passed, in order, to encode_image / encode_text.
     """
 
-    def __init__(self, model, mesh, kind: str, gallery_fn: Callable, query_fn: Callable, config):
-        if kind not in ("person", "caption"):
-            raise ValueError(f"evaluation kind {kind!r}: expected 'person' or 'caption'")
-        self.model, self.mesh, self.kind, self.config = model, mesh, kind, config
+    def __init__(self, model, mesh, kind: str, gallery_fn: Callable, query_fn: Callable,
+                 settings: Mapping[str, Any] | None = None, precision: str = "float32",
+                 image_inputs: Sequence[str] = ("images",), text_inputs: Sequence[str] = ("text_ids",)):
+        if kind not in KIND_SETTINGS:
+            raise ValueError(f"evaluation kind {kind!r}: expected one of {sorted(KIND_SETTINGS)}")
+        settings = dict(settings or {})
+        unknown = sorted(set(settings) - set(KIND_SETTINGS[kind]))
+        if unknown:
+            raise ValueError(f"evaluation kind {kind!r} has no settings {unknown}; "
+                             f"known: {sorted(KIND_SETTINGS[kind])}")
+        self.model, self.mesh, self.kind = model, mesh, kind
+        self.settings = {**KIND_SETTINGS[kind], **settings}
         self.gallery_fn, self.query_fn = gallery_fn, query_fn
+        self.image_inputs, self.text_inputs = tuple(image_inputs), tuple(text_inputs)
         data = parallel.batch_sharding(mesh)
         keep_tokens = kind == "caption"
-        dtype = jnp.bfloat16 if config.get("precision", "float32") == "bfloat16" else jnp.float32
+        dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
 
         def encoder(method):
-            def encode(p, x):
-                g, tok, mask = model.apply({"params": p}, x, method=method)
+            def encode(p, *x):
+                g, tok, mask = model.apply({"params": p}, *x, method=method)
                 g = similarity.l2_normalize(g)              # normalized once, here
                 if not keep_tokens:
                     return g, None, None
@@ -359,12 +449,25 @@ class Evaluator:
         self._encode_image = encoder("encode_image")
         self._encode_text = encoder("encode_text")
 
+    @classmethod
+    def for_config(cls, model, mesh, gallery_fn: Callable, query_fn: Callable, config,
+                   spec: EvalSpec | None = None) -> "Evaluator":
+        """The evaluator `spec` (one of `evaluator_specs(config)`) declares, or without it the model
+        family's kind with the family's settings; encoder inputs from the family."""
+        from xmr_jax.models.families import get_family
+
+        family = get_family(config.model_family)
+        kind, settings = (spec.kind, spec.settings) if spec else (family.evaluator, family.eval_settings(config))
+        return cls(model, mesh, kind, gallery_fn, query_fn, settings,
+                   precision=config.get("precision", "float32"), image_inputs=family.image_inputs,
+                   text_inputs=family.text_inputs)
+
     def encode(self, params) -> tuple[EncodedSplit, EncodedSplit]:
         """(gallery, queries) encoded with ``params``, on device."""
         keep_tokens = self.kind == "caption"
-        gallery = encode_split_on_device(self._encode_image, params, self.gallery_fn(), "images",
+        gallery = encode_split_on_device(self._encode_image, params, self.gallery_fn(), self.image_inputs,
                                          self.mesh, keep_tokens)
-        query = encode_split_on_device(self._encode_text, params, self.query_fn(), "text_ids",
+        query = encode_split_on_device(self._encode_text, params, self.query_fn(), self.text_inputs,
                                        self.mesh, keep_tokens)
         return gallery, query
 
@@ -373,16 +476,13 @@ class Evaluator:
         if self.kind == "person":
             result = person_retrieval(query, gallery, mesh=self.mesh)
         else:
-            tcfg = self.config.tgdt
-            local = bool(tcfg.get("eval_local_exhaustive", True))
-            result = caption_retrieval(query, gallery, k_t2i=tcfg.k_t2i, k_i2t=tcfg.k_i2t,
-                                       local_scale=tcfg.local_scale, mesh=self.mesh,
-                                       local_exhaustive=local)
-            folds = int(tcfg.get("coco_1k_folds", 0) or 0)
+            s = self.settings
+            common = dict(k_t2i=int(s["k_t2i"]), k_i2t=int(s["k_i2t"]), local_scale=float(s["local_scale"]),
+                          mesh=self.mesh, local_exhaustive=bool(s["local_exhaustive"]))
+            result = caption_retrieval(query, gallery, **common)
+            folds = int(s["coco_1k_folds"] or 0)
             if folds:
-                one_k = coco_1k_retrieval(query, gallery, folds, int(tcfg.get("coco_1k_fold_size", 1000)),
-                                          k_t2i=tcfg.k_t2i, k_i2t=tcfg.k_i2t, local_scale=tcfg.local_scale,
-                                          mesh=self.mesh, local_exhaustive=local)
+                one_k = coco_1k_retrieval(query, gallery, folds, int(s["coco_1k_fold_size"]), **common)
                 result.update({f"coco_1k/{kind}": value for kind, value in one_k.items()})
         result_counts = {"num_queries": len(query), "num_gallery": len(gallery)}
         return {**result, **result_counts}

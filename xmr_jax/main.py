@@ -2,8 +2,11 @@ r"""Entry point: `python -m xmr_jax.main --config=configs/demo.py --workdir=/tmp
 
 Config overrides: `--config.batch_size=32`, or big_vision style `--config=configs/demo.py:batch_size=32`.
 Modes: train_and_eval (default), train, eval (the latest checkpoint in --workdir, --checkpoint=DIR,
-or --checkpoint=best.pth: a PyTorch IRRA checkpoint, imported with its own class count). Multi-host: jax.distributed is initialized from the TPU / SLURM environment or
-from --coordinator_address/--num_processes/--process_id.
+or --checkpoint=FILE: a reference implementation's checkpoint that the config's model family
+imports, e.g. IRRA's best.pth with its own class count). Multi-host: jax.distributed is
+initialized from the TPU / SLURM environment or from --coordinator_address/--num_processes/--process_id.
+What the model is, its loss, its evaluator and its text inputs come from the config's model
+family (xmr_jax.models.families); this file holds nothing specific to one.
 
 --workdir may be local or on any filesystem etils.epath knows (gs://bucket/run, ...): config,
 metrics.jsonl, TensorBoard, evaluation reports and checkpoints all go there.
@@ -43,7 +46,7 @@ config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (op
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, config and metrics (local or gs://...).")
 flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval"], "What to run.")
 flags.DEFINE_string("checkpoint", None, "eval mode: a workdir or checkpoints folder to evaluate (default "
-                    "--workdir), or a PyTorch IRRA checkpoint file (best.pth) to import and evaluate.")
+                    "--workdir), or a reference checkpoint file the model family imports (IRRA: best.pth).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -62,7 +65,12 @@ class Preempted(Exception):
 
 
 def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoint: str | None = None) -> dict:
-    """Trains and/or evaluates; returns the evaluation result (empty dict in train mode).
+    """Trains and/or evaluates; returns {evaluator name: its final result} for the evaluators of
+    config.evals (empty dict in train mode).
+
+    Each evaluator runs after training (train_and_eval) or on the checkpoint (eval), and every
+    `every_epochs` epochs during training; it writes {prefix}_metrics.json ({prefix}_checkpoint_...
+    in eval mode) and logs under its prefix.
 
     Raises Preempted when a signal stopped training (after its checkpoint was saved).
     """
@@ -75,43 +83,54 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
 
     workdir = logging_utils.path_str(workdir)
     train.validate_config(config)
-    torch_file = None
+    family = get_family(config.model_family)
+    specs = evaluate.evaluator_specs(config)
+    import_file = None
     if mode == "eval":  # find what to evaluate before anything is built or written
         source = checkpoint or workdir
         if _is_file(source):
-            torch_file = source
+            if not family.checkpoint_format:
+                raise UserError(f"--checkpoint={source}: config.model_family={family.name!r} imports no checkpoint "
+                                "files; give a training workdir, its checkpoints folder or one <step> folder")
+            import_file = source
         else:
             checkpoints.find_checkpoint(source)
-    data = input_pipeline.from_config(config, jax.process_index(), jax.process_count())
-    if config.num_classes <= 0:
-        config.num_classes = data.num_classes
+    data = input_pipeline.from_config(config, jax.process_index(), jax.process_count(), text=family.text(config))
+    family.complete_config(config, data.train_meta)
     steps_per_epoch = data.steps_per_epoch
     is_chief = jax.process_index() == 0
     train.write_config(config, workdir, name="eval_config" if mode == "eval" else "config")
 
-    kind = "caption" if config.model_family == "tgdt" else "person"
     # Evaluation of a given checkpoint writes no training logs (metrics.jsonl, TensorBoard).
     writer = MetricWriter(workdir, enabled=is_chief) if mode != "eval" else None
-    report_name = "eval_checkpoint" if mode == "eval" else "eval"
+    report_names = {spec.name: spec.prefix + ("_checkpoint" if mode == "eval" else "") for spec in specs}
     evaluated = {}  # eval mode: which checkpoint, recorded in the report
+    splits = {spec.name: data.eval_iters(spec.split) for spec in specs}  # checks every split first
 
-    evaluators = {}  # one per (model, mesh): its jitted encoders compile once for all evaluations
+    evaluators = {}  # one per (evaluator, model, mesh): its jitted encoders compile once for all runs
 
-    def evaluate_and_report(model, mesh, params, step: int) -> dict:
-        if (model, mesh) not in evaluators:
-            evaluators[model, mesh] = evaluate.Evaluator(model, mesh, kind, data.gallery_iter, data.query_iter, config)
-        result = evaluators[model, mesh].run(params)
-        table = write_report(result, workdir, step, writer, report_name, extra=evaluated)
+    def evaluate_and_report(spec, model, mesh, params, step: int) -> dict:
+        if (spec.name, model, mesh) not in evaluators:
+            evaluators[spec.name, model, mesh] = evaluate.Evaluator.for_config(model, mesh, *splits[spec.name],
+                                                                               config, spec=spec)
+        result = evaluators[spec.name, model, mesh].run(params)
+        table = write_report(result, workdir, step, writer, report_names[spec.name], extra=evaluated)
         if writer is not None:
             writer.flush()
         if is_chief:
             print("\n" + table, flush=True)
         return result
 
+    def periodic_eval(model, mesh, params, step: int) -> None:
+        epoch = step // steps_per_epoch
+        for spec in specs:
+            if spec.every_epochs and epoch % spec.every_epochs == 0:
+                evaluate_and_report(spec, model, mesh, params, step)
+
     try:
         if mode in ("train", "train_and_eval"):
             trained = train.train(config, workdir, data.train_iter, steps_per_epoch,
-                                  periodic_eval=evaluate_and_report if mode == "train_and_eval" else None,
+                                  periodic_eval=periodic_eval if mode == "train_and_eval" else None,
                                   writer=writer)
             if trained.stopped:
                 step = int(jax.device_get(trained.state.step))
@@ -126,21 +145,23 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
             from xmr_jax import parallel
 
             mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-            if torch_file:  # a PyTorch IRRA checkpoint (best.pth)
-                model, params = _load_torch_checkpoint(torch_file, config)
+            if import_file:  # a reference checkpoint file, e.g. IRRA's best.pth
+                model, params = _import_checkpoint(family, import_file, config)
                 step = 0
             else:
-                model = get_family(config.model_family).build(config)
+                model = family.build(config)
                 params, step = checkpoints.load_params(checkpoint or logging_utils.join(workdir, "checkpoints"))
             evaluated["checkpoint"] = logging_utils.path_str(checkpoint or workdir)
 
-        result = evaluate_and_report(model, mesh, params, step)
+        results = {spec.name: evaluate_and_report(spec, model, mesh, params, step) for spec in specs}
     finally:
         if writer is not None:
             writer.close()
     if is_chief:
-        print(f"Metrics written to {logging_utils.join(workdir, report_name + '_metrics.json')}", flush=True)
-    return result
+        for spec in specs:
+            print(f"Metrics written to {logging_utils.join(workdir, report_names[spec.name] + '_metrics.json')}",
+                  flush=True)
+    return results
 
 
 def write_report(result, workdir: str, step: int, writer=None, name: str = "eval", extra=None) -> str:
@@ -176,16 +197,14 @@ def _is_file(path: str) -> bool:
     return p.exists() and not p.is_dir()
 
 
-def _load_torch_checkpoint(path: str, config):
-    from xmr_jax.convert.irra import load_irra
-
+def _import_checkpoint(family, path: str, config):
+    """family.import_checkpoint(path, config) -> (model, params); its errors as one UserError line."""
     try:
-        return load_irra(path, image_size=tuple(config.data.image_size),
-                         **dict(config.model.get("import_overrides", {})))
+        return family.import_checkpoint(path, config)
     except ValueError as e:
         cause = e.__cause__
         if cause is not None:  # torch's own text (advice on weights_only=False) is not for this case
-            raise UserError(f"--checkpoint={path}: could not be read as a PyTorch IRRA checkpoint "
+            raise UserError(f"--checkpoint={path}: could not be read as {family.checkpoint_format} "
                             f"(torch.load, weights only: {type(cause).__name__})") from e
         raise UserError(f"--checkpoint={path}: {e}") from e
 
@@ -207,7 +226,8 @@ def check_inputs(workdir: str, mode: str, checkpoint: str | None) -> str:
         p = logging_utils.as_path(source)
         if not p.exists():
             raise UserError(f"{flag}={source}: does not exist (--mode=eval needs a training workdir, its "
-                            "checkpoints folder, one <step> folder, or a PyTorch IRRA .pth file)")
+                            "checkpoints folder, one <step> folder, or a checkpoint file the model family "
+                            "imports, e.g. IRRA's best.pth)")
         if not p.is_dir():
             with p.open("rb") as f:
                 head = f.read(16)

@@ -16,8 +16,10 @@ Everything is built from the ``config.optim`` ConfigDict (see ``default_irra_opt
                 BEFORE the L2 term is added (so the decay term is never clipped).
   param_groups  ordered rules; each rule is ``(substrings, lr_mult, weight_decay)`` (tuple/list) or a
                 mapping with keys ``contains``, ``lr_mult``, ``weight_decay``. ``substrings`` is a
-                string or a sequence of strings; a rule matches a parameter when ANY of them occurs in
-                the parameter's path name ``"/".join(keys)`` (e.g. "cross_attn/out_proj/bias").
+                regular expression or a sequence of them; a rule matches a parameter when ANY of them
+                is found (``re.search``) in the parameter's path name ``"/".join(keys)`` (e.g.
+                "cross_attn/out_proj/bias"), so a plain word matches wherever it occurs and
+                "^base_model/visual/" or "/bias$" anchor it.
                 Rules are applied in order; a matching rule sets the parameter's lr to
                 ``lr_mult * lr`` (when lr_mult is not None) and its weight decay (when not None), so a
                 later rule overrides an earlier one. Multipliers are relative to the BASE lr (they do
@@ -31,6 +33,7 @@ The train state that holds the optimizer state is ``xmr_jax.train.TrainState``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -142,6 +145,11 @@ def parse_group_rules(rules: Sequence[Any] | None) -> list[GroupRule]:
             raise ValueError(
                 f"config.optim.param_groups[{i}]: substrings must be non-empty strings, got {subs!r}"
             )
+        for sub in subs:
+            try:
+                re.compile(sub)
+            except re.error as e:
+                raise ValueError(f"config.optim.param_groups[{i}]: {sub!r} is not a regular expression ({e})") from e
         for what, v in (("lr_mult", lr_mult), ("weight_decay", wd)):
             if v is not None and (not isinstance(v, (int, float)) or v < 0):
                 raise ValueError(
@@ -169,7 +177,7 @@ def group_settings(name: str, rules: Sequence[GroupRule], base_wd: float) -> tup
     """(lr multiplier, weight decay) of one parameter name under the ordered rules."""
     lr_mult, wd = 1.0, float(base_wd)
     for rule in rules:
-        if any(s in name for s in rule.substrings):
+        if any(re.search(s, name) for s in rule.substrings):
             if rule.lr_mult is not None:
                 lr_mult = rule.lr_mult
             if rule.weight_decay is not None:

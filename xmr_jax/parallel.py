@@ -4,7 +4,9 @@ One mesh with axes ("data", "fsdp") over all devices of all processes:
   * the batch's leading dimension is split over BOTH axes (every device gets B / n_devices rows);
   * strategy "data": parameters and optimizer state replicated (pure data parallelism);
   * strategy "fsdp": each large leaf split along one dimension over the "fsdp" axis (ZeRO-3 style;
-    with mesh data=D, fsdp=F, parameters are replicated over D groups of F devices = HSDP).
+    with mesh data=D, fsdp=F, parameters are replicated over D groups of F devices = HSDP);
+  * sharding rules (config.mesh.rules): ordered (regex, spec) pairs that override the strategy for
+    the leaves whose path name they match (`sharding_rule_specs`).
 The train step is plain jax.jit with in/out shardings; XLA inserts the collectives. The state is
 created directly in its shardings (no device ever holds a full replicated copy under "fsdp"):
 
@@ -280,12 +282,93 @@ def fsdp_spec(
     return P()
 
 
+def path_name(path) -> str:
+    """A pytree key path as "a/b/c" (dict keys, attribute names and sequence indices)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def parse_sharding_rules(rules, where: str = "config.mesh.rules") -> list[tuple[Any, Any]]:
+    """Checks ``rules``: a sequence of (regex, spec) pairs -> [(compiled regex, spec)].
+
+    spec: "replicated" (P()), "fsdp" (the shape rule ``fsdp_spec``) or a sequence with one entry
+    per dimension of the leaf, each None or mesh axis name(s) (a PartitionSpec's entries).
+    """
+    import re
+
+    out = []
+    for i, rule in enumerate(rules or ()):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ValueError(f"{where}[{i}] = {rule!r}: expected (regex, spec), spec 'replicated', 'fsdp' or a "
+                             "tuple of mesh axis names / None per dimension")
+        pattern, spec = rule
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{where}[{i}]: {pattern!r} is not a regular expression ({e})") from e
+        if isinstance(spec, str):
+            if spec not in ("replicated", "fsdp"):
+                raise ValueError(f"{where}[{i}]: spec {spec!r}; expected 'replicated', 'fsdp' or a tuple of mesh "
+                                 "axis names / None per dimension")
+        elif isinstance(spec, (tuple, list)):
+            spec = tuple(tuple(s) if isinstance(s, list) else s for s in spec)
+        else:
+            raise ValueError(f"{where}[{i}]: spec {spec!r}; expected 'replicated', 'fsdp' or a tuple")
+        out.append((regex, spec))
+    return out
+
+
+def _rule_spec(spec, shape: tuple[int, ...], mesh: Mesh, fsdp_rule, name: str, where: str) -> P:
+    if spec == "replicated":
+        return P()
+    if spec == "fsdp":
+        return fsdp_rule(shape)
+    if len(spec) != len(shape):
+        raise ValueError(f"{where}: spec {spec} for {name} of shape {shape}: needs one entry per dimension")
+    for dim, axes in zip(shape, spec):
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        unknown = [a for a in names if a not in mesh.shape]
+        if unknown:
+            raise ValueError(f"{where}: spec {spec} for {name}: {unknown} not mesh axes {tuple(mesh.shape)}")
+        size = math.prod(mesh.shape[a] for a in names)
+        if dim % size:
+            raise ValueError(f"{where}: spec {spec} for {name} of shape {shape}: dimension {dim} is not "
+                             f"divisible by {size} devices")
+    return P(*spec)
+
+
+def sharding_rule_specs(tree: PyTree, mesh: Mesh, strategy: str, rules, fsdp_rule,
+                        where: str = "config.mesh.rules") -> PyTree:
+    """PartitionSpec per leaf: the first rule whose regex `re.search`-es the leaf's path name
+    (`path_name`, e.g. "params/base_model/visual/conv1/kernel" or "opt_state/1/0/mu/base_model/...")
+    decides; a leaf no rule matches follows the strategy."""
+    parsed = parse_sharding_rules(rules, where)
+    default = (lambda shape: P()) if strategy == "data" else fsdp_rule
+
+    def one(path, x):
+        name, shape = path_name(path), tuple(np.shape(x))
+        for i, (regex, spec) in enumerate(parsed):
+            if regex.search(name):
+                return _rule_spec(spec, shape, mesh, fsdp_rule, name, f"{where}[{i}]")
+        return default(shape)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def param_shardings(
     tree: PyTree,
     mesh: Mesh,
     strategy: str = "data",
     min_size: int = 2**12,
     fsdp_axes: str | tuple[str, ...] = "fsdp",
+    rules=(),
 ) -> PyTree:
     """Pytree of NamedSharding (structure of ``tree``) for params / optimizer state / train state.
 
@@ -293,10 +376,13 @@ def param_shardings(
     strategy "data": all replicated. "fsdp": ``fsdp_spec`` over ``fsdp_axes`` (default the "fsdp"
     axis; pass ("data", "fsdp") to shard over every device). Adam's mu/nu get the same sharding as
     their parameter because the rule only depends on the shape.
+    rules: ordered (regex, spec) pairs that override the strategy where they match (see
+    ``sharding_rule_specs``; spec "replicated", "fsdp" or per-dimension mesh axes). A regex that
+    names a parameter without anchoring matches its optimizer moments too.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"sharding strategy {strategy!r}; expected one of {STRATEGIES}")
-    if strategy == "data":
+    if strategy == "data" and not rules:
         return jax.tree.map(lambda _: replicated(mesh), tree)
     axes = (fsdp_axes,) if isinstance(fsdp_axes, str) else tuple(fsdp_axes)
     for a in axes:
@@ -304,9 +390,9 @@ def param_shardings(
             raise ValueError(f"fsdp axis {a!r} is not a mesh axis {tuple(mesh.shape)}")
     axis_size = math.prod(mesh.shape[a] for a in axes)
     axis = axes[0] if len(axes) == 1 else axes
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), axis_size, min_size, axis)), tree
-    )
+    fsdp_rule = lambda shape: fsdp_spec(shape, axis_size, min_size, axis)  # noqa: E731
+    specs = sharding_rule_specs(tree, mesh, strategy, rules, fsdp_rule)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def shard_train_state(state: PyTree, mesh: Mesh, strategy: str = "data", min_size: int = 2**12) -> PyTree:

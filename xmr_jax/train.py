@@ -1,8 +1,12 @@
 """The trainer: one jitted, donated train step over a device mesh, and the loop around it.
 
+Everything model-specific comes from the config's model family (`xmr_jax.models.families`): the
+module, the init batch, the loss (one signature: `loss(outputs, batch) -> (total, parts)`), the
+pretrained weights of the init checkpoint and the family's own config checks.
 Init: the train state (parameters + optimizer state) is created directly in its shardings
-(`sharded_init`: one jit with out_shardings from `parallel.param_shardings`; host-loaded CLIP
-weights are placed shard by shard), or restored into them on resume; no device holds a full copy.
+(`sharded_init`: one jit with out_shardings from `parallel.param_shardings`; the family's
+host-loaded pretrained weights are placed shard by shard), or restored into them on resume; no
+device holds a full copy.
 Loop: dispatch `train_step` (compiled once) on batch s, then build and transfer batch s+1 while it
 runs -> metrics kept on device and fetched every `log_every` steps (the only host sync in the
 loop) -> orbax checkpoints every `ckpt_every_steps`.
@@ -16,7 +20,6 @@ state is never saved.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
@@ -62,8 +65,12 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
     )
 
 
-def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation, config) -> Callable:
+def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
     """Returns `train_step(state, batch) -> (state, metrics)` (pure; jit it with shardings).
+
+    loss_fn(outputs, batch) -> (total float32 [], {name: float32 []}) is the family's
+    `loss_fn(config)`; outputs = model.apply({"params": params}, batch). metrics: loss, the parts,
+    grad_norm.
 
     A step whose loss is NaN/Inf keeps params and opt_state bit for bit (step still advances and
     `nonfinite` counts it). The optimizer update runs inside `lax.cond` on the loss being finite,
@@ -85,7 +92,7 @@ def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation, 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         def objective(params):
             outputs = model.apply({"params": params}, batch)
-            return loss_fn(outputs, batch, config)
+            return loss_fn(outputs, batch)
 
         (loss, parts), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         finite = jnp.isfinite(loss)
@@ -104,15 +111,13 @@ def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation, 
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, naming the field, before any data or device work."""
+    """Fails fast, naming the field, before any data or device work.
+
+    Here: model_family, precision, batch sizes against the mesh, the parameter-group rules
+    (config.optim.param_groups) and the sharding rules (config.mesh.rules); the family's own
+    fields (loss names, model, init checkpoint) in its `validate`.
+    """
     family = get_family(config.model_family)
-    names = [n for n in config.loss_names.split("+") if n]
-    unknown = [n for n in names if n not in family.known_losses]
-    if unknown or not names:
-        raise ValueError(
-            f"config.loss_names={config.loss_names!r}: unknown loss {unknown or '(empty)'} for model_family "
-            f"{config.model_family!r}; known: {'+'.join(family.known_losses)}"
-        )
     if config.precision not in ("float32", "bfloat16"):
         raise ValueError(f"config.precision={config.precision!r}: expected 'float32' or 'bfloat16'")
     n_dev = jax.device_count() if -1 in (config.mesh.data, config.mesh.fsdp) else config.mesh.data * config.mesh.fsdp
@@ -123,69 +128,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config.{field}={size} must be a positive multiple of the number of devices in the mesh "
                 f"({n_dev}; config.mesh.data={config.mesh.data}, config.mesh.fsdp={config.mesh.fsdp})"
             )
-    from xmr_jax.models.clip import clip_from_config
-
-    model_context = clip_from_config(config.model.clip).context_length
-    data_context = config.data.get("context_length", 77)
-    if model_context != data_context:
-        raise ValueError(
-            f"config.data.context_length={data_context} differs from the text tower's context length "
-            f"{model_context} (config.model.clip.context_length); set both to the same value"
-        )
-    init = config.model.get("init_checkpoint")
-    if init and not os.path.exists(init):
-        raise FileNotFoundError(
-            f"config.model.init_checkpoint={init!r} does not exist; give an OpenAI CLIP .pt / state dict, "
-            "a Hugging Face CLIP folder or a params file written by `python -m xmr_jax.convert`"
-        )
+    optim.parse_group_rules(config.optim.get("param_groups"))
+    parallel.parse_sharding_rules(config.mesh.get("rules", ()))
+    family.validate(config)
 
 
-def _dummy_batch(model, image_size) -> dict:
-    """The one-example batch that model.init traces (shapes only matter)."""
-    h, w = image_size
-    t = model.base_model.context_length
-    return {
-        "images": jnp.zeros((1, h, w, 3), jnp.float32),
-        "text_ids": jnp.zeros((1, t), jnp.int32),
-        "mlm_ids": jnp.zeros((1, t), jnp.int32),
-        "mlm_labels": jnp.zeros((1, t), jnp.int32),
-        "pids": jnp.zeros((1,), jnp.int32),
-        "image_ids": jnp.zeros((1,), jnp.int32),
-    }
+def _random_params(model, batch, rng) -> dict:
+    return model.init(rng, batch)["params"]
 
 
-def _random_params(model, image_size, rng) -> dict:
-    return model.init(rng, _dummy_batch(model, image_size))["params"]
-
-
-def abstract_params(model, image_size) -> dict:
+def abstract_params(model, config) -> dict:
     """The parameter tree as jax.ShapeDtypeStruct (nothing is computed or allocated)."""
-    return jax.eval_shape(lambda r: _random_params(model, image_size, r), jax.random.PRNGKey(0))
+    batch = get_family(config.model_family).init_batch(config)
+    return jax.eval_shape(lambda r: _random_params(model, batch, r), jax.random.PRNGKey(0))
 
 
-def _load_clip_host(model, config, image_size):
-    """The CLIP towers of `config.model.init_checkpoint` as host (numpy) arrays, or None if unset."""
-    init = config.model.get("init_checkpoint")
-    if not init:
-        return None
-    from xmr_jax.convert import check_params, load_clip
-
-    clip = model.base_model
-    _, clip_params = load_clip(init, image_size=tuple(image_size), scan_layers=clip.scan_layers)
-    check_params(clip_params, clip, what=f"config.model.init_checkpoint={init}")
-    return clip_params
-
-
-def init_params(model, config, image_size, rng) -> dict:
-    """Random init of the whole model, then the CLIP towers from `model.init_checkpoint` if set.
+def init_params(model, config, rng) -> dict:
+    """Random init of the whole model, then the family's pretrained subtrees (init checkpoint).
 
     Unsharded (default device): for single-device tools and tests. The trainer uses
     `sharded_init`, which never materializes this full copy.
     """
-    params = jax.jit(lambda r: _random_params(model, image_size, r))(rng)
-    clip_params = _load_clip_host(model, config, image_size)
-    if clip_params is not None:
-        params = {**params, "base_model": jax.tree.map(jnp.asarray, clip_params)}
+    family = get_family(config.model_family)
+    batch = family.init_batch(config)
+    params = jax.jit(lambda r: _random_params(model, batch, r))(rng)
+    pretrained = family.pretrained(model, config)
+    if pretrained:
+        params = {**params, **jax.tree.map(jnp.asarray, pretrained)}
     return params
 
 
@@ -195,9 +164,10 @@ class ShardedInit(NamedTuple):
     abstract: TrainState of jax.ShapeDtypeStruct carrying their target `.sharding` (also the
       template for `checkpoints.Checkpointer.restore`).
     shardings: TrainState of NamedSharding (`parallel.param_shardings` of the abstract state).
-    fn: jax.jit(init, out_shardings=shardings, donate_argnums=1): (rng, base_model) -> TrainState,
-      where base_model is None (random towers) or the CLIP tower parameters, already placed with
-      their target shardings (they are donated and become the state's params["base_model"]).
+    fn: jax.jit(init, out_shardings=shardings, donate_argnums=1): (rng, pretrained) -> TrainState,
+      where pretrained is None (all random) or {top-level parameter name: subtree} already placed
+      with their target shardings (e.g. {"base_model": CLIP towers}; they are donated and replace
+      those subtrees of the random init).
     """
 
     abstract: Any
@@ -205,42 +175,80 @@ class ShardedInit(NamedTuple):
     fn: Callable
 
 
-def sharded_init(model, config, tx: optax.GradientTransformation, mesh, image_size=None,
-                 strategy: str | None = None) -> ShardedInit:
+def sharded_init(model, config, tx: optax.GradientTransformation, mesh, strategy: str | None = None) -> ShardedInit:
     """The train state's shardings and a jitted init that creates it directly in them (no compute)."""
-    image_size = tuple(config.data.image_size if image_size is None else image_size)
     strategy = config.mesh.strategy if strategy is None else strategy
+    batch = get_family(config.model_family).init_batch(config)
 
-    def init(rng, base_model):
-        params = _random_params(model, image_size, rng)
-        if base_model is not None:  # the random towers are then dead code, removed by XLA
-            params = {**params, "base_model": base_model}
+    def init(rng, pretrained):
+        params = _random_params(model, batch, rng)
+        if pretrained:  # the random subtrees they replace are dead code, removed by XLA
+            params = {**params, **pretrained}
         return create_train_state(params, tx)
 
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0), None)
-    shardings = parallel.param_shardings(abstract, mesh, strategy)
+    shardings = parallel.param_shardings(abstract, mesh, strategy, rules=config.mesh.get("rules", ()) or ())
     abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
     fn = jax.jit(init, out_shardings=shardings, donate_argnums=(1,))
     return ShardedInit(abstract, shardings, fn)
 
 
-def init_train_state(model, config, tx: optax.GradientTransformation, mesh, rng, image_size=None,
+def init_train_state(model, config, tx: optax.GradientTransformation, mesh, rng,
                      strategy: str | None = None) -> tuple[TrainState, Any]:
     """Creates the train state directly in its shardings -> (state, state shardings).
 
-    Random parameters are generated shard by shard inside one jit with out_shardings. With
-    `config.model.init_checkpoint`, the CLIP towers are read on the host (numpy) and each leaf is
-    placed with its target sharding (`parallel.put_sharded_like`: every device receives only its
-    slice); they never exist as a replicated device copy.
+    Random parameters are generated shard by shard inside one jit with out_shardings. The family's
+    pretrained subtrees (e.g. CLIP towers from `config.model.init_checkpoint`) are read on the host
+    (numpy) and each leaf is placed with its target sharding (`parallel.put_sharded_like`: every
+    device receives only its slice); they never exist as a replicated device copy.
     """
-    image_size = tuple(config.data.image_size if image_size is None else image_size)
-    init = sharded_init(model, config, tx, mesh, image_size, strategy)
-    clip_params = _load_clip_host(model, config, image_size)
-    base_model = None
-    if clip_params is not None:
-        base_model = parallel.put_sharded_like(clip_params, init.abstract.params["base_model"])
-        del clip_params
-    return init.fn(rng, base_model), init.shardings
+    init = sharded_init(model, config, tx, mesh, strategy)
+    pretrained = get_family(config.model_family).pretrained(model, config)
+    placed = None
+    if pretrained:
+        unknown = sorted(set(pretrained) - set(init.abstract.params))
+        if unknown:
+            raise ValueError(f"config.model_family={config.model_family!r}: pretrained weights for {unknown}, "
+                             f"which the model does not have (its parameters: {sorted(init.abstract.params)})")
+        placed = {name: parallel.put_sharded_like(tree, init.abstract.params[name])
+                  for name, tree in pretrained.items()}
+        del pretrained
+    return init.fn(rng, placed), init.shardings
+
+
+def _spec_text(spec) -> str:
+    if all(s is None for s in spec):
+        return "replicated"
+    return "(" + ", ".join("-" if s is None else s if isinstance(s, str) else "+".join(s) for s in spec) + ")"
+
+
+def param_table(config, params, shardings) -> str:
+    """Which parameter got which learning rate, weight decay and sharding, as a printable table.
+
+    params: the parameter tree (arrays or jax.ShapeDtypeStruct); shardings: its NamedSharding tree.
+    The lr multiplier and weight decay come from config.optim (base lr, weight_decay and the
+    param_groups rules, `optim.param_group_trees`); the sharding from config.mesh (strategy and
+    rules, `parallel.param_shardings`). Layers that differ only in their index (resblocks_0,
+    resblocks_1, ...) and agree on everything else share a row (`_*`, count in the last column).
+    """
+    import re
+
+    lr_mults, wds = optim.param_group_trees(config.optim, params)
+    rows: dict[tuple, int] = {}
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for (path, x), mult, wd, sh in zip(leaves, jax.tree.leaves(lr_mults), jax.tree.leaves(wds),
+                                       jax.tree.leaves(shardings)):
+        name = re.sub(r"_\d+(?=/)", "_*", parallel.path_name(path))
+        key = (name, "x".join(map(str, x.shape)) or "scalar", f"{mult:g}", f"{wd:g}", _spec_text(sh.spec))
+        rows[key] = rows.get(key, 0) + 1
+    header = ("parameter", "shape", "lr_mult", "weight_decay", "sharding", "n")
+    body = [key + (str(n),) for key, n in rows.items()]
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    n_values = sum(int(np.prod(x.shape)) for _, x in leaves)
+    title = (f"Parameters: {len(leaves)} arrays, {n_values:,} values; lr = {float(config.optim.lr):g} x lr_mult x "
+             f"schedule; mesh {dict(jax.tree.leaves(shardings)[0].mesh.shape)}, strategy {config.mesh.strategy!r}")
+    return "\n".join([title, line(header)] + [line(r) for r in body])
 
 
 def _stack_mean(history: list[dict]) -> dict[str, float]:
@@ -257,8 +265,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
       train_iter_fn: start_step -> iterator of per-process numpy batches beginning at that step.
       steps_per_epoch: optimizer steps per epoch (global batch).
       devices: the mesh's devices (default: all devices of all processes).
-      periodic_eval: called as periodic_eval(model, mesh, params, step) every
-        `config.eval_every_epochs` epochs (0 = never) before the last step.
+      periodic_eval: called as periodic_eval(model, mesh, params, step) at the end of every epoch
+        but the last (it decides what runs then; main runs the evaluators of config.evals that
+        are due).
       writer: where scalars go (default: a new MetricWriter on `workdir`, chief process only).
     Returns: TrainResult(state, model, mesh, stopped).
     """
@@ -268,10 +277,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
     total_steps = int(config.num_epochs * steps_per_epoch)
     is_chief = jax.process_index() == 0
 
-    image_size = tuple(config.data.image_size)
-    tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params(model, image_size), steps_per_epoch)
-    init = sharded_init(model, config, tx, mesh, image_size)
+    tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params(model, config), steps_per_epoch)
+    init = sharded_init(model, config, tx, mesh)
     state_shardings = init.shardings
+    if is_chief and config.get("param_table", True):
+        print(param_table(config, init.abstract.params, init.shardings.params), flush=True)
 
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     start_step = ckpt.latest_step() or 0
@@ -279,10 +289,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
         state = ckpt.restore(init.abstract, step=start_step)
         print(f"Resumed from {ckpt.directory} at step {start_step}.", flush=True)
     else:
-        state, _ = init_train_state(model, config, tx, mesh, jax.random.PRNGKey(config.seed), image_size)
+        state, _ = init_train_state(model, config, tx, mesh, jax.random.PRNGKey(config.seed))
 
     step_fn = jax.jit(
-        make_train_step(model, family.losses, tx, config),
+        make_train_step(model, family.loss_fn(config), tx),
         in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
@@ -350,8 +360,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
                 return TrainResult(state, model, mesh, stopped=True)
             if step % config.ckpt_every_steps == 0:
                 save(step)
-            eval_every = int(config.get("eval_every_epochs", 0)) * steps_per_epoch
-            if periodic_eval and eval_every and step % eval_every == 0 and step != total_steps:
+            if periodic_eval and step % steps_per_epoch == 0 and step != total_steps:
                 periodic_eval(model, mesh, state.params, step)
         if step != last_saved:
             save(step)

@@ -1,40 +1,242 @@
-"""Model families the trainer knows: each gives a module builder and a loss function.
+"""Model families: everything the trainer, the evaluator, main and the input pipeline know about a model.
 
-A family is (build(config) -> module, losses(outputs, batch, config) -> (total, parts)); the module's
-`__call__(batch)` returns the outputs its losses read, and `encode_image` / `encode_text` serve
-evaluation. Adding a family means adding an entry here, not a second trainer.
+A family is a `Family` object. The shared code calls only these members:
+
+  name                  the `config.model_family` value it is registered under.
+  evaluator             "person" (text -> image, R1/R5/R10/mAP/mINP over pids) or "caption" (both
+                        directions, global / local / two-stage R@K and rsum); see xmr_jax.evaluate.
+  image_inputs          batch keys `encode_image` takes, in order (e.g. ("images",)).
+  text_inputs           batch keys `encode_text` takes (e.g. ("text_ids",)).
+  validate(config)      every check of the family's own config fields (loss names included); raises
+                        ValueError / FileNotFoundError naming the field. The trainer-wide fields
+                        (precision, mesh, batch sizes) are checked by `xmr_jax.train.validate_config`,
+                        which calls this.
+  build(config)         -> the Flax module. `module.apply({"params": p}, batch)` returns the outputs the
+                        loss reads; `method="encode_image"` / `"encode_text"` on the inputs above
+                        return (global [B,D], tokens [B,L,D], mask [B,L]).
+  init_batch(config)    -> a one-example batch of zeros that `module.init` traces (shapes only).
+  loss_fn(config)       -> `loss(outputs, batch) -> (total float32 [], {name: float32 []})`, bound to
+                        the config once (the train step calls it inside jit).
+  pretrained(model, config)
+                        -> {top-level parameter name: host (numpy) subtree} read from the config's
+                        init checkpoint, or None; these replace the random init of those subtrees.
+  import_checkpoint(path, config)
+                        -> (model, params) from a reference implementation's checkpoint file (for
+                        `--mode=eval --checkpoint=FILE`); `checkpoint_format` says what it reads
+                        ("" = the family imports none).
+  text(config)          -> TextSpec: the tokenizer, the padding caption and whether MLM inputs are made.
+  eval_settings(config) -> keyword settings of the evaluator kind (caption: k_t2i, k_i2t, ...).
+  complete_config(config, train_meta)
+                        fills config values left to the data set (IRRA: num_classes = identities).
+
+A new family is its module under models/ (the module and a Family subclass), one entry in
+`FAMILIES` (or `register(family)` at run time, as tests do) and its configs. `ClipTowerFamily`
+holds what every family on the CLIP towers shares (tokenizer, init batch, CLIP checkpoint loading,
+context length check).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+import importlib
+import os
+from typing import Any, Callable
 
-from xmr_jax.models import irra, tgdt
+import numpy as np
+
+EVALUATOR_KINDS = ("person", "caption")
 
 
-class Family(NamedTuple):
-    build: Callable
-    losses: Callable
-    known_losses: tuple[str, ...]
+@dataclasses.dataclass(frozen=True)
+class TextSpec:
+    """How captions become model inputs (used by data_pipelines.input_pipeline).
+
+    name: names the scheme in messages and caches.
+    tokenizer: context_length -> object whose `encode(list[str])` returns int32 [N, context_length].
+    pad_caption: context_length -> int32 [context_length], the caption of padding rows (eval batches).
+    mlm_mask: None (no MLM inputs) or, in tf.data, (token_ids int32 [T], seed int [2], prob) ->
+      (masked_ids int32 [T], labels int32 [T], 0 = no target): the batch then has mlm_ids/mlm_labels.
+    """
+
+    name: str
+    tokenizer: Callable[[int], Any]
+    pad_caption: Callable[[int], np.ndarray]
+    mlm_mask: Callable | None = None
 
 
-FAMILIES = {
-    "irra": Family(
-        build=irra.build_irra,
-        losses=lambda outputs, batch, config: irra.compute_losses(
-            outputs, batch, irra.parse_loss_names(config.loss_names), config.model.get("logit_scale", 50.0)
-        ),
-        known_losses=irra.KNOWN_LOSSES,
-    ),
-    "tgdt": Family(
-        build=tgdt.build_tgdt,
-        losses=lambda outputs, batch, config: tgdt.compute_losses(outputs, batch, config),
-        known_losses=tgdt.KNOWN_LOSSES,
-    ),
+def _clip_tokenizer(context_length: int):
+    from xmr_jax.tokenizer import default_tokenizer
+
+    return default_tokenizer(mask_token=True, context_length=context_length)
+
+
+def _clip_pad_caption(context_length: int) -> np.ndarray:
+    from xmr_jax.tokenizer import EOT_ID, SOT_ID
+
+    row = np.zeros((context_length,), np.int32)
+    row[:2] = (SOT_ID, EOT_ID)  # the empty caption: safe for EOT pooling
+    return row
+
+
+def _clip_mlm_mask(token_ids, seed, prob):
+    from data_pipelines import preprocess
+
+    return preprocess.mlm_mask(token_ids, seed, prob)
+
+
+# IRRA's tokenizer variant (CLIP BPE + <|mask|>), with and without MLM inputs.
+CLIP_TEXT = TextSpec("clip_bpe", _clip_tokenizer, _clip_pad_caption, None)
+CLIP_TEXT_MLM = dataclasses.replace(CLIP_TEXT, mlm_mask=_clip_mlm_mask)
+
+
+class Family:
+    """Base class of a model family; see the module docstring for each member."""
+
+    name: str = ""
+    evaluator: str = "person"
+    image_inputs: tuple[str, ...] = ("images",)
+    text_inputs: tuple[str, ...] = ("text_ids",)
+    checkpoint_format: str = ""
+
+    def validate(self, config) -> None:
+        raise NotImplementedError
+
+    def build(self, config):
+        raise NotImplementedError
+
+    def init_batch(self, config) -> dict:
+        raise NotImplementedError
+
+    def loss_fn(self, config) -> Callable:
+        raise NotImplementedError
+
+    def text(self, config) -> TextSpec:
+        raise NotImplementedError
+
+    def pretrained(self, model, config) -> dict | None:
+        return None
+
+    def import_checkpoint(self, path: str, config):
+        raise ValueError(f"config.model_family={self.name!r} imports no checkpoint files; give a training "
+                         "workdir or its checkpoints folder")
+
+    def eval_settings(self, config) -> dict:
+        return {}
+
+    def complete_config(self, config, train_meta) -> None:
+        del config, train_meta
+
+
+class ClipTowerFamily(Family):
+    """Shared by the families built on `config.model.clip` towers (CLIP BPE text, RGB images)."""
+
+    def clip_model(self, config):
+        """The CLIP towers the config describes (config.model.clip, compute dtype config.precision)."""
+        from xmr_jax.models.clip import clip_from_config
+
+        clip_cfg = dict(config.model.clip)
+        clip_cfg["dtype"] = config.precision
+        return clip_from_config(clip_cfg)
+
+    def validate_towers(self, config) -> None:
+        """data.context_length == the text tower's; model.init_checkpoint exists (when set)."""
+        from xmr_jax.models.clip import clip_from_config
+
+        model_context = clip_from_config(config.model.clip).context_length
+        data_context = config.data.get("context_length", 77)
+        if model_context != data_context:
+            raise ValueError(
+                f"config.data.context_length={data_context} differs from the text tower's context length "
+                f"{model_context} (config.model.clip.context_length); set both to the same value"
+            )
+        init = config.model.get("init_checkpoint")
+        if init and not os.path.exists(init):
+            raise FileNotFoundError(
+                f"config.model.init_checkpoint={init!r} does not exist; give an OpenAI CLIP .pt / state dict, "
+                "a Hugging Face CLIP folder or a params file written by `python -m xmr_jax.convert`"
+            )
+
+    def init_batch(self, config) -> dict:
+        """images float32 [1,H,W,3] (config.data.image_size), text_ids / mlm_ids / mlm_labels int32
+        [1,T] (the tower's context length), pids / image_ids int32 [1]."""
+        import jax.numpy as jnp
+
+        from xmr_jax.models.clip import clip_from_config
+
+        h, w = tuple(config.data.image_size)
+        t = clip_from_config(config.model.clip).context_length
+        return {
+            "images": jnp.zeros((1, h, w, 3), jnp.float32),
+            "text_ids": jnp.zeros((1, t), jnp.int32),
+            "mlm_ids": jnp.zeros((1, t), jnp.int32),
+            "mlm_labels": jnp.zeros((1, t), jnp.int32),
+            "pids": jnp.zeros((1,), jnp.int32),
+            "image_ids": jnp.zeros((1,), jnp.int32),
+        }
+
+    def pretrained(self, model, config) -> dict | None:
+        """{"base_model": CLIP tower params (numpy)} from config.model.init_checkpoint, or None."""
+        init = config.model.get("init_checkpoint")
+        if not init:
+            return None
+        from xmr_jax import convert
+
+        clip = model.base_model
+        _, clip_params = convert.load_clip(init, image_size=tuple(config.data.image_size),
+                                           scan_layers=clip.scan_layers)
+        convert.check_params(clip_params, clip, what=f"config.model.init_checkpoint={init}")
+        return {"base_model": clip_params}
+
+    def text(self, config) -> TextSpec:
+        return CLIP_TEXT
+
+
+# name -> "module:attribute" of a Family instance, imported on first use (no import cycles, and
+# main imports only the family it runs).
+FAMILIES: dict[str, str] = {
+    "irra": "xmr_jax.models.irra:FAMILY",
+    "tgdt": "xmr_jax.models.tgdt_family:FAMILY",
 }
+_LOADED: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Adds (or replaces) `family` under `family.name`; returns it."""
+    if not family.name:
+        raise ValueError(f"{type(family).__name__}.name is empty; a family needs the name configs select it by")
+    if family.evaluator not in EVALUATOR_KINDS:
+        raise ValueError(f"family {family.name!r}: evaluator={family.evaluator!r}, expected one of {EVALUATOR_KINDS}")
+    FAMILIES[family.name] = family
+    _LOADED.pop(family.name, None)
+    return family
+
+
+def unregister(name: str) -> None:
+    FAMILIES.pop(name, None)
+    _LOADED.pop(name, None)
 
 
 def get_family(name: str) -> Family:
+    """The Family registered as `name` (config.model_family)."""
     if name not in FAMILIES:
         raise ValueError(f"config.model_family={name!r} is not known; choose one of {sorted(FAMILIES)}")
-    return FAMILIES[name]
+    entry = FAMILIES[name]
+    if isinstance(entry, Family):
+        return entry
+    if name not in _LOADED:
+        module, _, attr = entry.partition(":")
+        _LOADED[name] = getattr(importlib.import_module(module), attr)
+    return _LOADED[name]
+
+
+def parse_loss_names(loss_names: str, known: tuple[str, ...], family: str) -> tuple[str, ...]:
+    """'sdm+id+mlm' -> ('sdm', 'id', 'mlm'); unknown or no names raise a ValueError naming the field."""
+    names = tuple(n.strip() for n in str(loss_names).split("+") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(
+            f"config.loss_names={loss_names!r}: unknown loss {unknown or '(empty)'} for model_family "
+            f"{family!r}; use names from {known} joined by '+'"
+        )
+    return names
+

@@ -3,6 +3,10 @@
 Parameter names mirror the reference so the optimizer's name rules apply unchanged:
 `base_model` (the CLIP towers), `cross_attn`, `cross_modal_transformer`, `ln_pre_t`, `ln_pre_i`,
 `ln_post`, `mlm_head/{dense,ln,fc}` and `classifier`.
+
+`FAMILY` (IRRAFamily) is what the trainer, evaluator and input pipeline use: config validation,
+the module, the loss bound to config.loss_names, MLM inputs only with the mlm loss, the CLIP
+init checkpoint, and import of IRRA's own `best.pth`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from xmr_jax import losses
-from xmr_jax.models.clip import CLIP, clip_from_config
+from xmr_jax.models import families
+from xmr_jax.models.clip import CLIP
 from xmr_jax.models.layers import LayerNorm, MultiHeadAttention, QuickGELU, Transformer
 
 KNOWN_LOSSES = ("sdm", "id", "mlm", "itc", "cmpm")
@@ -23,14 +28,7 @@ KNOWN_LOSSES = ("sdm", "id", "mlm", "itc", "cmpm")
 
 def parse_loss_names(loss_names: str, known: tuple[str, ...] = KNOWN_LOSSES) -> tuple[str, ...]:
     """'sdm+id+mlm' -> ('sdm', 'id', 'mlm'); unknown names raise a ValueError naming the field."""
-    names = tuple(n.strip() for n in loss_names.split("+") if n.strip())
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise ValueError(
-            f"config.loss_names={loss_names!r}: unknown loss {unknown or '(empty)'}; "
-            f"use names from {known} joined by '+', e.g. 'sdm+id+mlm'"
-        )
-    return names
+    return families.parse_loss_names(loss_names, known, "irra")
 
 
 def sort_targets(labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -250,10 +248,8 @@ def build_irra(config) -> IRRA:
     """IRRA from a trainer config (model.clip, loss_names, num_classes, model.*)."""
     names = parse_loss_names(config.loss_names)
     dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
-    clip_cfg = dict(config.model.clip)
-    clip_cfg["dtype"] = config.precision
     return IRRA(
-        base_model=clip_from_config(clip_cfg),
+        base_model=FAMILY.clip_model(config),
         loss_names=names,
         num_classes=int(config.num_classes),
         cross_depth=config.model.get("cross_depth", 4),
@@ -263,3 +259,47 @@ def build_irra(config) -> IRRA:
         text_length_buckets=tuple(config.model.get("text_length_buckets", ()) or ()),
         dtype=dtype,
     )
+
+
+class IRRAFamily(families.ClipTowerFamily):
+    """The "irra" model family: person retrieval, losses from config.loss_names (SPEC 3-5)."""
+
+    name = "irra"
+    evaluator = "person"
+    checkpoint_format = "a PyTorch IRRA checkpoint (best.pth)"
+
+    def validate(self, config) -> None:
+        parse_loss_names(config.loss_names)
+        self.validate_towers(config)
+
+    def build(self, config) -> IRRA:
+        return build_irra(config)
+
+    def loss_fn(self, config):
+        names = parse_loss_names(config.loss_names)
+        logit_scale = float(config.model.get("logit_scale", 50.0))
+
+        def loss(outputs, batch):
+            return compute_losses(outputs, batch, names, logit_scale)
+
+        return loss
+
+    def text(self, config) -> families.TextSpec:
+        """CLIP BPE with <|mask|>; MLM inputs only when the objective has the mlm loss."""
+        mlm = "mlm" in parse_loss_names(config.loss_names)
+        return families.CLIP_TEXT_MLM if mlm else families.CLIP_TEXT
+
+    def import_checkpoint(self, path: str, config):
+        """IRRA's `best.pth` -> (IRRA, params); config.model.import_overrides go to `load_irra`."""
+        from xmr_jax.convert.irra import load_irra
+
+        return load_irra(path, image_size=tuple(config.data.image_size),
+                         **dict(config.model.get("import_overrides", {})))
+
+    def complete_config(self, config, train_meta) -> None:
+        """num_classes <= 0 -> the number of training identities of the data set."""
+        if config.num_classes <= 0:
+            config.num_classes = train_meta.num_classes
+
+
+FAMILY = IRRAFamily()
