@@ -1,4 +1,7 @@
-"""xmr_jax.search: index a folder of images, query it with text, render the grid (tiny CLIP)."""
+"""xmr_jax.search: index a folder of images, query it with text, render the grid (tiny CLIP).
+
+The CLI writes an index folder (format 2); `setup["index"]` is the same gallery built in memory
+(`build_index`), the reference the folder is compared with here and in test_search_store.py."""
 
 import json
 import os
@@ -50,12 +53,21 @@ def setup(tmp_path_factory):
     for i, (name, size) in enumerate(FILES.items()):
         _write(root / "images" / name, size, seed=i)
     (root / "images" / "notes.txt").write_text("not an image")
-    index_path = root / "gallery.npz"
+    index_path = root / "gallery"
     rc = S.main(["index", "--checkpoint", str(root / "ckpt"), "--images", str(root / "images"),
-                 "--index", str(index_path), "--batch_size", "4"])
+                 "--index", str(index_path), "--batch_size", "4", "--chunk_size", "4"])
     assert rc == 0
-    return {"root": root, "model": model, "params": params, "index": S.load_index(str(index_path)),
-            "index_path": str(index_path), "ckpt": str(root / "ckpt")}
+    memory = S.build_index(model, params, sorted(FILES), str(root / "images"), batch_size=4)
+    return {"root": root, "model": model, "params": params, "index": memory,
+            "store": S.load_index(str(index_path)), "index_path": str(index_path),
+            "ckpt": str(root / "ckpt")}
+
+
+def store_arrays(store):
+    """(global [N, D], tokens [N, L, D] | None, mask | None) of an IndexStore, read whole."""
+    rows = np.arange(len(store))
+    tokens, mask = store.token_rows(rows) if store.has_tokens else (None, None)
+    return np.concatenate(store.global_chunks()), tokens, mask
 
 
 def _text_features(model, params, texts):
@@ -88,7 +100,12 @@ def test_resize_normalize_matches_tf_eval_transform(tmp_path):
 
 def test_index_contents(setup):
     index, model, params = setup["index"], setup["model"], setup["params"]
-    assert index.paths == sorted(FILES)  # relative, posix, sorted; notes.txt ignored
+    store = setup["store"]
+    assert isinstance(store, S.IndexStore) and store.chunk_rows == [4, 2]
+    assert store.paths == index.paths == sorted(FILES)  # relative, posix, sorted; notes.txt ignored
+    for got, want in zip(store_arrays(store), (index.global_features, index.tokens, index.mask)):
+        np.testing.assert_array_equal(got, want)  # the CLI's folder holds the in-memory features
+        assert got.dtype == want.dtype
     n_tok = 1 + (IMAGE_SIZE[0] // 8) * (IMAGE_SIZE[1] // 8)
     assert index.global_features.shape == (6, 16) and index.global_features.dtype == np.float32
     assert index.tokens.shape == (6, n_tok, 16) and index.tokens.dtype == np.float16
@@ -176,12 +193,14 @@ def test_grid_png_with_ground_truth_outlines(setup, tmp_path):
 
 
 def test_no_tokens_index_and_mode_flags(setup, tmp_path, capsys):
-    out = tmp_path / "g.npz"
+    out = tmp_path / "g"
     assert S.main(["index", "--checkpoint", setup["ckpt"], "--images", str(setup["root"] / "images"),
                    "--index", str(out), "--no_tokens"]) == 0
     index = S.load_index(str(out))
-    assert index.tokens is None and index.mask is None and index.global_features.shape == (6, 16)
-    np.testing.assert_allclose(index.global_features, setup["index"].global_features, atol=1e-6)
+    assert not index.has_tokens and not list(out.glob("chunks/*/tokens.npy"))
+    glob, _, _ = store_arrays(index)
+    assert glob.shape == (6, 16)
+    np.testing.assert_allclose(glob, setup["index"].global_features, atol=1e-6)
     res = S.search(index, setup["model"], setup["params"], QUERIES, k=3)
     assert not res.two_stage and res.indices.shape == (2, 3)
     capsys.readouterr()
@@ -193,25 +212,29 @@ def test_error_cases(setup, tmp_path, capsys):
     ckpt = setup["ckpt"]
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
-    assert S.main(["index", "--checkpoint", ckpt, "--images", str(empty), "--index", str(tmp_path / "x.npz")]) == 2
+    assert S.main(["index", "--checkpoint", ckpt, "--images", str(empty), "--index", str(tmp_path / "x")]) == 2
     assert "no images" in capsys.readouterr().err
     assert S.main(["index", "--checkpoint", ckpt, "--images", str(tmp_path / "nope"),
-                   "--index", str(tmp_path / "x.npz")]) == 2
-    assert "nope" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()
+                   "--index", str(tmp_path / "x")]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
     bad_dir = tmp_path / "bad"
     _write(bad_dir / "ok1.png", (10, 10), 1)
     _write(bad_dir / "ok2.jpg", (10, 12), 2)
     (bad_dir / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
-    args = ["index", "--checkpoint", ckpt, "--images", str(bad_dir), "--index", str(tmp_path / "b.npz"),
-            "--batch_size", "2"]
+    args = ["index", "--checkpoint", ckpt, "--images", str(bad_dir), "--index", str(tmp_path / "b"),
+            "--batch_size", "2", "--chunk_size", "2"]
     assert S.main(args) == 2
     assert "broken.jpg" in capsys.readouterr().err
-    assert S.main(args + ["--skip_bad_images"]) == 0
+    assert S.main(args + ["--skip_bad_images"]) == 0  # resumes: the chunk that failed is redone
     assert "skipped 1" in capsys.readouterr().err
-    index = S.load_index(str(tmp_path / "b.npz"))
+    index = S.load_index(str(tmp_path / "b"))
     assert index.paths == ["ok1.png", "ok2.jpg"] and index.meta["skipped"] == ["broken.jpg"]
-    assert index.global_features.shape == (2, 16) and index.tokens.shape[0] == 2
+    assert index.chunk_rows == [1, 1] and index.meta["token_shape"][1] == 16
+    memory = S.build_index(setup["model"], setup["params"], ["broken.jpg", "ok1.png", "ok2.jpg"],
+                           str(bad_dir), skip_bad_images=True, batch_size=2)  # same batches
+    for got, want in zip(store_arrays(index), (memory.global_features, memory.tokens, memory.mask)):
+        np.testing.assert_array_equal(got, want)
 
     # Index made with another model: different embed dim -> both named; same shape, other weights.
     other = clip_from_config({**CLIP_CFG, "embed_dim": 8})
@@ -223,8 +246,8 @@ def test_error_cases(setup, tmp_path, capsys):
     params2 = init_clip_params(setup["model"], jax.random.key(7))
     with pytest.raises(S.IndexMismatchError, match="different weights"):
         S.search(setup["index"], setup["model"], params2, ["a"], k=2)
-    assert S.main(["query", "--checkpoint", ckpt, "--index", str(tmp_path / "missing.npz"), "--text", "a"]) == 2
-    assert "missing.npz" in capsys.readouterr().err
+    assert S.main(["query", "--checkpoint", ckpt, "--index", str(tmp_path / "missing"), "--text", "a"]) == 2
+    assert "missing" in capsys.readouterr().err
     gt = tmp_path / "gt.json"
     gt.write_text(json.dumps({"other query": ["a.png"]}))
     assert S.main(["query", "--checkpoint", ckpt, "--index", setup["index_path"], "--text", "a",
@@ -235,12 +258,13 @@ def test_error_cases(setup, tmp_path, capsys):
 def test_exported_artifact_gives_same_index(setup, tmp_path, capsys):
     from xmr_jax.export import export_jax
     export_jax(setup["model"], setup["params"], str(tmp_path / "exp" / "jax"), platforms=["cpu"])
-    out = tmp_path / "e.npz"
+    out = tmp_path / "e"
     assert S.main(["index", "--exported", str(tmp_path / "exp"), "--images", str(setup["root"] / "images"),
                    "--index", str(out)]) == 0
     index = S.load_index(str(out))
-    np.testing.assert_allclose(index.global_features, setup["index"].global_features, rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(index.mask, setup["index"].mask)
+    glob, _, mask = store_arrays(index)
+    np.testing.assert_allclose(glob, setup["index"].global_features, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(mask, setup["index"].mask)
     a = S.search(index, S.exported_encoders(str(tmp_path / "exp")), None, QUERIES, k=6)
     b = S.search(setup["index"], setup["model"], setup["params"], QUERIES, k=6)
     np.testing.assert_array_equal(a.indices, b.indices)
@@ -274,9 +298,9 @@ def test_cli_process_runs_without_tensorflow(setup, tmp_path):
     res = run("query", "--index", setup["index_path"], "--k", "2")  # no query text
     assert res.returncode == 2 and "--text" in res.stderr
     res = run("index", "--checkpoint", setup["ckpt"], "--images", str(setup["root"] / "images"),
-              "--index", str(tmp_path / "again.npz"), "--no_tokens")
+              "--index", str(tmp_path / "again"), "--no_tokens")
     assert res.returncode == 0, res.stderr[-2000:]
-    np.testing.assert_allclose(S.load_index(str(tmp_path / "again.npz")).global_features,
+    np.testing.assert_allclose(store_arrays(S.load_index(str(tmp_path / "again")))[0],
                                setup["index"].global_features, atol=1e-6)
     # Unblocked: the CLI does not import TensorFlow at all (checked in sys.modules at exit).
     check = ("import sys\n"
@@ -304,3 +328,4 @@ def test_package_modules_and_help(tmp_path):
                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "--rerank_k" in res.stdout and "--allow_other_weights" in res.stdout
+    assert "--approx_recall" in res.stdout

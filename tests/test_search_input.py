@@ -24,9 +24,11 @@ def small(tmp_path_factory):
     for i, (name, size) in enumerate(list(FILES.items())[:4]):
         _write(root / "images" / name, size, seed=i)
     assert S.main(["index", "--checkpoint", str(root / "ckpt"), "--images", str(root / "images"),
-                   "--index", str(root / "g.npz")]) == 0
-    return {"root": root, "model": model, "params": params, "index": S.load_index(str(root / "g.npz")),
-            "args": ["query", "--checkpoint", str(root / "ckpt"), "--index", str(root / "g.npz")]}
+                   "--index", str(root / "g")]) == 0
+    memory = S.build_index(model, params, sorted(list(FILES)[:4]), str(root / "images"))
+    S.save_index(memory, str(root / "g.npz"))  # format 1, as earlier versions wrote
+    return {"root": root, "model": model, "params": params, "index": S.load_index(str(root / "g")),
+            "memory": memory, "args": ["query", "--checkpoint", str(root / "ckpt"), "--index", str(root / "g")]}
 
 
 def test_empty_queries_are_rejected(small, capsys):
@@ -56,7 +58,7 @@ def test_truncation_is_reported_and_cosine_is_comparable(small, capsys):
     from tests.test_search import _normalize, _text_features
 
     qg, _, _ = _text_features(small["model"], small["params"], [short_query, long_query])
-    want = np.take_along_axis(_normalize(qg) @ _normalize(small["index"].global_features).T, res.indices, 1)
+    want = np.take_along_axis(_normalize(qg) @ _normalize(small["memory"].global_features).T, res.indices, 1)
     np.testing.assert_allclose(res.cosine, want, atol=1e-5)
     assert np.all(np.abs(res.cosine) <= 1.0 + 1e-6)
 
@@ -65,9 +67,9 @@ def test_index_grid_and_ground_truth_on_gcs(small, tmp_path, monkeypatch, capsys
     fake_gcs.fake_gcs(tmp_path / "gcs", monkeypatch)
     try:
         monkeypatch.chdir(tmp_path)
-        S.save_index(small["index"], "gs://bucket/idx/g.npz")
+        S.save_index(small["memory"], "gs://bucket/idx/g.npz")  # format 1 still round-trips on gs://
         again = S.load_index("gs://bucket/idx/g.npz")
-        np.testing.assert_array_equal(again.global_features, small["index"].global_features)
+        np.testing.assert_array_equal(again.global_features, small["memory"].global_features)
         (tmp_path / "gcs" / "bucket" / "gt.json").write_text(json.dumps({"a red coat": [again.paths[0]]}))
         capsys.readouterr()
         assert S.main(["query", "--checkpoint", str(small["root"] / "ckpt"), "--index", "gs://bucket/idx/g.npz",
@@ -85,8 +87,10 @@ def test_output_paths_checked_before_any_work(small, tmp_path, capsys):
     ckpt, images = str(small["root"] / "ckpt"), str(small["root"] / "images")
     (tmp_path / "a_file").write_text("x")
     capsys.readouterr()
-    for target, why in ((tmp_path / "a_file" / "g.npz", "its folder cannot be created or written"),
-                        (tmp_path, "is a folder; give the path of the file to write")):
+    for target, why in ((tmp_path / "a_file" / "g", "its folder cannot be created or written"),
+                        (tmp_path / "a_file", "is a file; the index is a folder"),
+                        (tmp_path, "is a folder that holds other files and no index.json"),
+                        (tmp_path / "g.npz", "the index is a folder of chunks now")):
         assert S.main(["index", "--checkpoint", ckpt, "--images", images, "--index", str(target)]) == 2
         err = capsys.readouterr().err
         assert f"error: --index {str(target)!r}" in err and why in err
@@ -121,7 +125,8 @@ def test_moved_images_reported_and_grid_shows_cosine(small, tmp_path, capsys):
 
     moved = tmp_path / "moved"
     shutil.copytree(small["root"] / "images", moved)
-    index = S.load_index(str(small["root"] / "g.npz"))
+    index = S.load_index(str(small["root"] / "g.npz"))  # format 1: loads whole into memory
+    assert isinstance(index, S.ImageIndex)
     index.meta["image_root"] = str(tmp_path / "gone")
     S.save_index(index, str(tmp_path / "g.npz"))
     args = ["query", "--checkpoint", str(small["root"] / "ckpt"), "--index", str(tmp_path / "g.npz"),

@@ -1,8 +1,10 @@
 """Text-to-image search over a folder of images: build an index once, query it with free text.
 
-    python -m xmr_jax.search index --checkpoint CKPT --images DIR --index gallery.npz
-    python -m xmr_jax.search query --index gallery.npz --text "a woman in a red dress" \
-        [--checkpoint CKPT] [--k 10] [--rerank_k 100] [--grid grid.png] [--ground_truth gt.json]
+    python -m xmr_jax.search index --checkpoint CKPT --images DIR --index GALLERY \
+        [--chunk_size 4096] [--no_tokens]
+    python -m xmr_jax.search query --index GALLERY --text "a woman in a red dress" \
+        [--checkpoint CKPT] [--k 10] [--rerank_k 100] [--approx_recall 0.95] [--grid grid.png] \
+        [--ground_truth gt.json]
 
 CKPT is anything `xmr_jax.export.load_for_export` reads (a training workdir with config.json, a
 folder written by `python -m xmr_jax.convert`, a HF CLIPModel folder, an OpenAI CLIP file), or,
@@ -12,12 +14,17 @@ Image transform: `xmr_jax.image_transform` (= the evaluation transform of
 data_pipelines/preprocess.py, without TensorFlow): RGB -> PIL bilinear resize to the model's (H, W),
 antialiased when shrinking, as IRRA's torchvision transform -> (x / 255 - CLIP_MEAN) / CLIP_STD.
 
-Index: one .npz file (global features, float16 token features + mask, relative paths, JSON meta
-with the model's fingerprint); the format is described in `xmr_jax.search.index`.
+Index: a folder (format 2) of .npy chunks (global features, float16 token features + mask,
+relative paths) with an index.json manifest (the model's fingerprint, ...), written chunk by chunk
+on any etils.epath filesystem; rerunning an interrupted `index` command continues from the last
+complete chunk. A query keeps only the global features in memory (memory-mapped on a local disk)
+and reads only its candidates' tokens. Layout: `xmr_jax.search.store`. A format-1 .npz index
+(earlier versions) still loads, whole, into memory.
 
 Query: captions are tokenized with IRRA's mask-variant CLIP tokenizer (context length from the
-model), encoded, and searched with `xmr_jax.retrieval.topk_search`: two-stage (global top
-`rerank_k`, reranked by s_g + s_l) when the index holds tokens, else global cosine.
+model), encoded, and searched: two-stage (global top `rerank_k`, exact or --approx_recall, then
+reranked by s_g + s_l with `xmr_jax.retrieval.topk_search`) when the index holds tokens, else
+global cosine.
 Printed per result: the rank, the score (s_g + s_l when reranked: it grows with the number of
 query words, so compare it only within one query), the global cosine (comparable across queries)
 and the path. A query longer than the context is cut: the CLI says how many tokens were kept.
@@ -29,7 +36,9 @@ longer under the image folder are reported. TensorFlow is never imported.
 
 Modules, one job each:
     encoders.py  `Encoders` from a CLIP module + params or a jax.export folder; weight fingerprint
-    index.py     image listing, gallery encoding (`build_index`), the .npz format, model check
+    index.py     image listing, gallery encoding (`write_index`, `build_index`), `load_index`, the
+                 .npz format, model check
+    store.py     the index folder: `IndexWriter`, `IndexStore`, chunked global top-k
     query.py     query encoding and ranking (`search`, `SearchResult`)
     render.py    PNG result grids (`render_grid`, `GridLayout`)
     cli.py       the command line (`main`)
@@ -41,15 +50,16 @@ from xmr_jax.search.encoders import (Encoders, as_encoders, exported_encoders, l
 from xmr_jax.search.errors import IndexMismatchError, SearchError
 from xmr_jax.search.index import (IMAGE_EXTENSIONS, INDEX_FORMAT, INDEX_VERSION, ImageIndex,
                                   build_index, check_compatible, list_images, load_image,
-                                  load_index, save_index)
+                                  load_index, save_index, write_index)
+from xmr_jax.search.store import STORE_VERSION, IndexStore, IndexWriter, chunked_topk
 from xmr_jax.search.query import SearchResult, check_queries, encode_texts, query_token_counts, search
 from xmr_jax.search.render import GREEN, GREY, WHITE, GridLayout, render_grid
 
 __all__ = [
     "Encoders", "GREEN", "GREY", "GridLayout", "IMAGE_EXTENSIONS", "INDEX_FORMAT", "INDEX_VERSION",
-    "ImageIndex", "IndexMismatchError", "SearchError", "SearchResult", "WHITE", "as_encoders",
+    "ImageIndex", "IndexMismatchError", "IndexStore", "IndexWriter", "STORE_VERSION", "chunked_topk", "SearchError", "SearchResult", "WHITE", "as_encoders",
     "build_index", "check_compatible", "check_queries", "encode_texts", "exported_encoders",
     "list_images", "load_encoders", "load_image", "load_index", "main", "model_encoders",
     "params_fingerprint", "query_token_counts", "read_ground_truth", "render_grid", "save_index",
-    "search",
+    "search", "write_index",
 ]

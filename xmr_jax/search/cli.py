@@ -13,7 +13,7 @@ import numpy as np
 
 from xmr_jax.search.encoders import Encoders, load_encoders
 from xmr_jax.search.errors import SearchError
-from xmr_jax.search.index import build_index, check_compatible, list_images, load_index, save_index
+from xmr_jax.search.index import check_compatible, list_images, load_index, write_index
 from xmr_jax.search.query import query_token_counts, search
 from xmr_jax.search.render import render_grid
 
@@ -66,15 +66,19 @@ def _parse_args(argv):
     ix = sub.add_parser("index", help="encode a folder of images into an index")
     model_args(ix, True)
     ix.add_argument("--images", required=True, help="image folder (searched recursively)")
-    ix.add_argument("--index", required=True, help="output .npz")
+    ix.add_argument("--index", required=True,
+                    help="output index folder (local or gs://); rerunning the same command resumes it")
     ix.add_argument("--batch_size", type=int, default=64)
+    ix.add_argument("--chunk_size", type=int, default=4096,
+                    help="images per chunk (the unit of writing and of resuming)")
+    ix.add_argument("--no_progress", action="store_true", help="no progress bar")
     ix.add_argument("--no_tokens", action="store_true", help="store global features only")
     ix.add_argument("--skip_bad_images", action="store_true", help="skip (and count) undecodable images")
     ix.add_argument("--num_workers", type=int, default=None, help="image decoding threads")
 
     q = sub.add_parser("query", help="search an index with text")
     model_args(q, False)
-    q.add_argument("--index", required=True)
+    q.add_argument("--index", required=True, help="index folder (or a format-1 .npz)")
     q.add_argument("--text", action="append", default=[], help="a query (repeatable)")
     q.add_argument("--queries_file", help="text file, one query per line")
     q.add_argument("--k", type=int, default=10)
@@ -88,7 +92,10 @@ def _parse_args(argv):
     q.add_argument("--ground_truth", help="json {query: [relative paths]} or a list per query")
     q.add_argument("--images", help="image folder (default: the one recorded in the index)")
     q.add_argument("--shard_gallery", action="store_true",
-                   help="shard the gallery over all local devices (two-stage search)")
+                   help="shard a .npz gallery over all local devices (two-stage search)")
+    q.add_argument("--approx_recall", type=float, default=None,
+                   help="global stage by jax.lax.approx_max_k with this recall target (e.g. 0.95; "
+                        "approximate on TPU, exact on CPU/GPU) instead of the exact top-k")
     q.add_argument("--allow_other_weights", action="store_true",
                    help="query an index built from different weights of the same architecture")
     return p.parse_args(argv)
@@ -122,22 +129,47 @@ def _write(write, path: str, flag: str):
         raise SearchError(f"{flag} {path!r}: cannot write it: {describe_os_error(e)}") from e
 
 
+def _check_index_folder(path: str) -> None:
+    """Before any work: --index is not a file (nor a .npz name) and its parent can be written."""
+    from xmr_jax.logging_utils import PathCheckError, as_path, check_writable_dir, describe_os_error
+
+    if path.rstrip("/").endswith(".npz"):
+        raise SearchError(f"--index {path!r}: the index is a folder of chunks now (format 2); give a "
+                          "folder path without .npz (a format-1 .npz index still loads in `query`)")
+    target = as_path(path)
+    if target.exists() and not target.is_dir():
+        raise SearchError(f"--index {path!r} is a file; the index is a folder: give a folder path")
+    if target.is_dir() and not (target / "index.json").is_file() and any(True for _ in target.iterdir()):
+        raise SearchError(f"--index {path!r} is a folder that holds other files and no index.json; "
+                          "give a new or empty folder for the index")
+    try:
+        check_writable_dir(target.parent, "--index")
+    except PathCheckError as e:
+        why = describe_os_error(e.__cause__) if e.__cause__ is not None else f"{target.parent} is a file"
+        raise SearchError(f"--index {path!r}: its folder cannot be created or written: {why}") from e
+
+
 def _cmd_index(args, log) -> int:
-    _check_output_file(args.index, "--index")
+    _check_index_folder(args.index)
+    if args.chunk_size < 1:
+        raise SearchError(f"--chunk_size must be >= 1, got {args.chunk_size}")
     paths = list_images(args.images)
     enc = _load_encoders(args)
     log(f"[index] {len(paths)} images in {args.images}; model {enc.description['kind']} "
         f"embed_dim={enc.embed_dim} image_size={tuple(enc.image_size)}")
-    index = build_index(enc, None, paths, args.images, batch_size=args.batch_size,
-                        with_tokens=not args.no_tokens, skip_bad_images=args.skip_bad_images,
-                        num_workers=args.num_workers, log=log)
-    _write(lambda: save_index(index, args.index), args.index, "--index")
+    index = _write(lambda: write_index(
+        enc, None, paths, args.images, args.index, chunk_size=args.chunk_size,
+        batch_size=args.batch_size, with_tokens=not args.no_tokens,
+        skip_bad_images=args.skip_bad_images, num_workers=args.num_workers,
+        progress=not args.no_progress, log=log), args.index, "--index")
     skipped = index.meta["skipped"]
     if skipped:
         log(f"[index] skipped {len(skipped)} undecodable image(s): {', '.join(skipped[:5])}"
             + (" ..." if len(skipped) > 5 else ""))
-    tok = f", tokens {index.tokens.shape} float16" if index.has_tokens else ", no tokens"
-    print(f"[index] wrote {len(index)} images (global {index.global_features.shape}{tok}) -> {args.index}")
+    shape = index.meta.get("token_shape")
+    tok = f", tokens {(len(index), *shape)} float16" if index.has_tokens and shape else ", no tokens"
+    print(f"[index] wrote {len(index)} images (global {(len(index), index.meta['embed_dim'])}{tok}) "
+          f"in {len(index.chunk_rows)} chunk(s) -> {args.index}")
     return 0
 
 
@@ -186,7 +218,7 @@ def _cmd_query(args, log) -> int:
     if wordless:
         raise SearchError(f"query {wordless[0]} ({texts[wordless[0] - 1]!r}) has no words the tokenizer keeps")
     res = search(index, enc, None, texts, k=args.k, rerank_k=args.rerank_k, two_stage=args.two_stage,
-                 check=False, mesh=mesh)
+                 check=False, mesh=mesh, recall_target=args.approx_recall)
     mode = f"two-stage (rerank top {min(res.rerank_k, len(index))} by s_g + s_l)" if res.two_stage else "global cosine"
     for q, (total, kept) in enumerate(counts):
         if kept < total:

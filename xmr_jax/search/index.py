@@ -1,6 +1,13 @@
-"""The image gallery index: encode a folder of images, the .npz file format, the model check.
+"""The image gallery index: encode a folder of images, the index formats, the model check.
 
-Index (one .npz file, written to exactly the given path; read with `load_index`):
+Two formats, both read by `load_index`:
+
+* format 2, an index folder written chunk by chunk by `write_index` (and by
+  `python -m xmr_jax.search index`): global features, float16 token features + mask and paths in
+  .npy/.json chunks on any etils.epath filesystem; resumable; searched with only the global
+  features in memory. Layout and manifest: `xmr_jax.search.store`.
+* format 1, one .npz file (`save_index` of an in-memory `ImageIndex` from `build_index`; what
+  earlier versions of the CLI wrote), loaded whole into memory:
     global   float32 [N, D]     image global features (unnormalized, as the encoder returns them)
     tokens   float16 [N, L, D]  image token features (absent with --no_tokens)
     mask     bool    [N, L]     content-token mask (False for CLS)
@@ -19,6 +26,7 @@ import dataclasses
 import io
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +37,10 @@ import numpy as np
 
 from xmr_jax.search.encoders import Encoders, as_encoders
 from xmr_jax.search.errors import IndexMismatchError, SearchError
+from xmr_jax.search.store import INDEX_FORMAT, STORE_VERSION, IndexStore, IndexWriter, is_store
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-INDEX_FORMAT = "xmr_jax.search.index"
-INDEX_VERSION = 1
+INDEX_VERSION = 1  # the .npz format; index folders are format STORE_VERSION (2)
 
 
 def list_images(folder: str) -> list[str]:
@@ -87,11 +95,71 @@ class ImageIndex:
     def __len__(self) -> int:
         return len(self.paths)
 
+    # The row access of IndexStore, so either can be searched chunk by chunk.
+    def global_chunks(self) -> list[np.ndarray]:
+        return [self.global_features]
+
+    def global_rows(self, rows) -> np.ndarray:
+        return np.asarray(self.global_features, np.float32)[np.asarray(rows, np.int64)]
+
+    def token_rows(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, np.int64)
+        return self.tokens[rows], self.mask[rows]
+
+    def paths_of(self, rows) -> list[str]:
+        return [self.paths[int(r)] for r in np.asarray(rows).reshape(-1)]
+
+
+def _encode_stream(enc: Encoders, full: Sequence[str], positions: Sequence[int], *, batch_size: int,
+                   with_tokens: bool, skip_bad_images: bool, num_workers: Optional[int]):
+    """Encodes the images full[i] for i in positions, batch by batch. Yields (decoded positions,
+    undecodable positions, global f32 [m, D], tokens f16 [m, L, D] | None, mask [m, L] | None)."""
+    if batch_size < 1:
+        raise SearchError(f"batch_size must be >= 1, got {batch_size}")
+    h, w = enc.image_size
+    workers = num_workers or min(8, os.cpu_count() or 1)
+
+    def decode(path):
+        try:
+            return load_image(path, (h, w))
+        except SearchError:
+            if not skip_bad_images:
+                raise
+            return None
+
+    positions = list(positions)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for b0 in range(0, len(positions), batch_size):
+            chunk = positions[b0:b0 + batch_size]
+            images = list(pool.map(decode, [full[i] for i in chunk]))
+            good = [i for i, im in zip(chunk, images) if im is not None]
+            bad = [i for i, im in zip(chunk, images) if im is None]
+            if not good:
+                yield [], bad, None, None, None
+                continue
+            batch = np.zeros((batch_size, h, w, 3), np.float32)
+            batch[:len(good)] = np.stack([im for im in images if im is not None])
+            g, t, m = enc.encode_image(batch)
+            m_good = len(good)
+            toks = mask = None
+            if with_tokens:
+                if t is None or m is None:
+                    raise SearchError("the image encoder returns no token features/mask; index with "
+                                      "--no_tokens (global search only)")
+                toks = np.asarray(jnp.asarray(t[:m_good]).astype(jnp.float16))
+                mask = np.asarray(m[:m_good], bool)
+            yield good, bad, np.asarray(g[:m_good], np.float32), toks, mask
+
+
+def _full_paths(image_paths: Sequence[str], image_root: Optional[str]) -> list[str]:
+    return [os.path.join(image_root, p) if image_root else p for p in image_paths]
+
 
 def build_index(model, params, image_paths: Sequence[str], image_root: str | None = None, *,
                 batch_size: int = 64, with_tokens: bool = True, skip_bad_images: bool = False,
                 num_workers: int | None = None, log: Callable[[str], None] | None = None) -> ImageIndex:
-    """Encodes images into an ImageIndex.
+    """Encodes images into an in-memory ImageIndex (small galleries; `write_index` streams a
+    gallery of any size to an index folder).
 
     Args:
       model, params: a CLIP module and its params, or an `Encoders` as `model` (params ignored).
@@ -103,63 +171,94 @@ def build_index(model, params, image_paths: Sequence[str], image_root: str | Non
       num_workers: decoding threads (default min(8, cpus)).
     """
     enc = as_encoders(model, params)
-    if batch_size < 1:
-        raise SearchError(f"batch_size must be >= 1, got {batch_size}")
     if not image_paths:
         raise SearchError("build_index: no image paths given")
-    h, w = enc.image_size
-    full = [os.path.join(image_root, p) if image_root else p for p in image_paths]
+    full = _full_paths(image_paths, image_root)
     n = len(full)
-    glob = np.zeros((n, enc.embed_dim), np.float32)
-    toks = mask = None
-    kept, skipped, pos = [], [], 0
-    workers = num_workers or min(8, os.cpu_count() or 1)
+    globs, toks, masks, kept, skipped = [], [], [], [], []
     start = time.time()
-
-    def decode(path):
-        try:
-            return load_image(path, (h, w))
-        except SearchError:
-            if not skip_bad_images:
-                raise
-            return None
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for b0 in range(0, n, batch_size):
-            chunk = list(range(b0, min(n, b0 + batch_size)))
-            images = list(pool.map(decode, [full[i] for i in chunk]))
-            good = [i for i, im in zip(chunk, images) if im is not None]
-            skipped += [image_paths[i] for i, im in zip(chunk, images) if im is None]
-            if not good:
-                continue
-            batch = np.zeros((batch_size, h, w, 3), np.float32)
-            batch[:len(good)] = np.stack([im for im in images if im is not None])
-            g, t, m = enc.encode_image(batch)
-            m_good = len(good)
-            glob[pos:pos + m_good] = np.asarray(g[:m_good], np.float32)
-            if with_tokens:
-                if t is None or m is None:
-                    raise SearchError("the image encoder returns no token features/mask; index with "
-                                      "--no_tokens (global search only)")
-                if toks is None:
-                    toks = np.zeros((n,) + tuple(t.shape[1:]), np.float16)
-                    mask = np.zeros((n,) + tuple(m.shape[1:]), bool)
-                toks[pos:pos + m_good] = np.asarray(jnp.asarray(t[:m_good]).astype(jnp.float16))
-                mask[pos:pos + m_good] = np.asarray(m[:m_good], bool)
+    for good, bad, g, t, m in _encode_stream(enc, full, range(n), batch_size=batch_size,
+                                             with_tokens=with_tokens,
+                                             skip_bad_images=skip_bad_images, num_workers=num_workers):
+        skipped += [image_paths[i] for i in bad]
+        if good:
+            globs.append(g)
+            toks.append(t)
+            masks.append(m)
             kept += [image_paths[i] for i in good]
-            pos += m_good
-            if log is not None:
-                done = chunk[-1] + 1
-                rate = done / max(time.time() - start, 1e-9)
-                log(f"[index] {done}/{n} images ({rate:.1f} img/s, ETA {(n - done) / rate:.0f} s)")
+        if log is not None:
+            done = (good + bad)[-1] + 1
+            rate = done / max(time.time() - start, 1e-9)
+            log(f"[index] {done}/{n} images ({rate:.1f} img/s, ETA {(n - done) / rate:.0f} s)")
     if not kept:
         raise SearchError(f"none of the {n} images could be decoded (first: {image_paths[0]!r})")
     meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
             "image_root": os.path.abspath(image_root) if image_root else "",
-            "model": enc.description, "num_images": pos, "with_tokens": bool(with_tokens),
+            "model": enc.description, "num_images": len(kept), "with_tokens": bool(with_tokens),
             "skipped": skipped, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return ImageIndex(glob[:pos], None if toks is None else toks[:pos],
-                      None if mask is None else mask[:pos], kept, meta)
+    return ImageIndex(np.concatenate(globs), np.concatenate(toks) if with_tokens else None,
+                      np.concatenate(masks) if with_tokens else None, kept, meta)
+
+
+def write_index(model, params, image_paths: Sequence[str], image_root: str | None, path: str, *,
+                chunk_size: int = 4096, batch_size: int = 64, with_tokens: bool = True,
+                skip_bad_images: bool = False, num_workers: int | None = None,
+                progress: bool = True, log: Callable[[str], None] | None = None) -> IndexStore:
+    """Encodes images into an index folder (format 2, `xmr_jax.search.store`), chunk by chunk.
+
+    Only one chunk of features is held in memory. Resumable: when `path` holds a partial index
+    built with the same images, chunk size, model and options, only the chunks without a DONE
+    marker are encoded (an interrupted chunk is redone). Arguments as `build_index`, plus
+    chunk_size (images per chunk) and progress (a tqdm bar on stderr). Returns the opened
+    IndexStore.
+    """
+    from xmr_jax.logging_utils import path_str
+
+    enc = as_encoders(model, params)
+    if not image_paths:
+        raise SearchError("write_index: no image paths given")
+    if batch_size < 1:
+        raise SearchError(f"batch_size must be >= 1, got {batch_size}")
+    writer = IndexWriter(path, list(image_paths), chunk_size, enc.embed_dim, with_tokens,
+                         enc.description, os.path.abspath(image_root) if image_root else "")
+    full = _full_paths(image_paths, image_root)
+    pending = writer.pending()
+    todo = sum(len(writer.chunk_range(c)) for c in pending)
+    if log is not None and len(pending) < writer.num_chunks:
+        log(f"[index] resuming {path_str(path)}: {writer.num_chunks - len(pending)} of "
+            f"{writer.num_chunks} chunks already written, {todo} images left")
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(full), initial=len(full) - todo, unit="img", desc="[index]",
+                   file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    try:
+        for c in pending:
+            globs, toks, masks, kept, skipped = [], [], [], [], []
+            for good, bad, g, t, m in _encode_stream(
+                    enc, full, writer.chunk_range(c), batch_size=batch_size, with_tokens=with_tokens,
+                    skip_bad_images=skip_bad_images, num_workers=num_workers):
+                skipped += [image_paths[i] for i in bad]
+                if good:
+                    globs.append(g)
+                    toks.append(t)
+                    masks.append(m)
+                    kept += [image_paths[i] for i in good]
+                if bar is not None:
+                    bar.update(len(good) + len(bad))
+            d = enc.embed_dim
+            g = np.concatenate(globs) if globs else np.zeros((0, d), np.float32)
+            t = m = None
+            if with_tokens:
+                t = np.concatenate(toks) if toks else np.zeros((0, 0, d), np.float16)
+                m = np.concatenate(masks) if masks else np.zeros((0, 0), bool)
+            writer.write_chunk(c, g, t, m, kept, skipped)
+    finally:
+        if bar is not None:
+            bar.close()
+    writer.finish()
+    return IndexStore(path)
 
 
 def save_index(index: ImageIndex, path: str) -> str:
@@ -177,23 +276,26 @@ def save_index(index: ImageIndex, path: str) -> str:
     return path
 
 
-def load_index(path: str) -> ImageIndex:
-    """Reads an index written by `save_index` / `python -m xmr_jax.search index` (local or gs://).
+def load_index(path: str):
+    """Opens an index: an index folder (format 2, `write_index` / `python -m xmr_jax.search
+    index`) -> IndexStore; a .npz file (format 1, `save_index`) -> ImageIndex, loaded whole.
+    Local or gs:// (any etils.epath) paths.
 
-    Raises FileNotFoundError when `path` does not exist, SearchError naming it when it is a folder
-    or not an index.
+    Raises FileNotFoundError when `path` does not exist, SearchError naming it when it is neither.
     """
     from xmr_jax.logging_utils import as_path, is_uri
 
     target = as_path(path)
     if target.is_dir():
-        raise SearchError(f"index {path!r} is a folder; expected the .npz file written by "
-                          "`python -m xmr_jax.search index ... --index PATH`")
+        if is_store(path):
+            return IndexStore(path)
+        raise SearchError(f"index {path!r} is a folder without index.json: not a search index "
+                          "(write one with `python -m xmr_jax.search index ... --index FOLDER`)")
     if not (target.is_file() if is_uri(path) else os.path.isfile(path)):
-        raise FileNotFoundError(f"index file {path!r} does not exist (write one with "
-                                "`python -m xmr_jax.search index ... --index PATH`)")
-    not_index = (f"{path!r} is not a search index (expected the .npz file written by "
-                 "`python -m xmr_jax.search index`, holding global/paths/meta)")
+        raise FileNotFoundError(f"index {path!r} does not exist (write one with "
+                                "`python -m xmr_jax.search index ... --index FOLDER`)")
+    not_index = (f"{path!r} is not a search index (expected an index folder written by "
+                 "`python -m xmr_jax.search index`, or a format-1 .npz holding global/paths/meta)")
     try:
         source = io.BytesIO(target.read_bytes()) if is_uri(path) else path
         loaded = np.load(source, allow_pickle=False)
@@ -218,12 +320,17 @@ def load_index(path: str) -> ImageIndex:
     if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else meta
         raise SearchError(f"{path!r}: meta format is {got!r}, expected {INDEX_FORMAT!r}")
+    if meta.get("version") != INDEX_VERSION:
+        raise SearchError(f"{path!r}: a .npz index of version {meta.get('version')!r} (this xmr_jax "
+                          f"reads .npz version {INDEX_VERSION}); rebuild it with "
+                          "`python -m xmr_jax.search index ... --index FOLDER`")
     return ImageIndex(data["global"], data.get("tokens"), data.get("mask"),
                       [str(p) for p in data["paths"]], meta)
 
 
-def check_compatible(index: ImageIndex, enc: Encoders, allow_other_weights: bool = False) -> None:
-    """Raises IndexMismatchError when `enc` is not the model the index was built with."""
+def check_compatible(index, enc: Encoders, allow_other_weights: bool = False) -> None:
+    """Raises IndexMismatchError when `enc` is not the model the index (ImageIndex or
+    IndexStore) was built with."""
     built = index.meta.get("model", {})
     mine = enc.description
     src = f"index built from {built.get('source')!r}, querying with {mine.get('source')!r}"

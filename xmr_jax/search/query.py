@@ -1,8 +1,11 @@
 """Text queries against an index: tokenize, encode, rank (global cosine or two-stage).
 
 Captions are tokenized with IRRA's mask-variant CLIP tokenizer (context length from the model),
-encoded, and searched with `xmr_jax.retrieval.topk_search`: two-stage (global top `rerank_k`,
-reranked by s_g + s_l, TGDT's rule) when the index holds tokens, else global cosine. Each result
+encoded, and searched: two-stage (global top `rerank_k`, reranked by s_g + s_l, TGDT's rule) when
+the index holds tokens, else global cosine. An index folder is scanned chunk by chunk for the
+global top candidates (exact, or jax.lax.approx_max_k), and only the candidates' tokens are read
+for the rerank, done by `xmr_jax.retrieval.topk_search` on them; a .npz index is searched whole
+in memory by `topk_search`. Both give the same ranking. Each result
 also carries its global cosine, which (unlike s_g + s_l, a sum over the query's words) can be
 compared across queries. Empty queries are rejected.
 """
@@ -17,7 +20,7 @@ import numpy as np
 
 from xmr_jax.search.encoders import Encoders, as_encoders
 from xmr_jax.search.errors import SearchError
-from xmr_jax.search.index import ImageIndex, check_compatible
+from xmr_jax.search.index import check_compatible
 
 
 @dataclasses.dataclass
@@ -70,21 +73,53 @@ def encode_texts(enc: Encoders, texts: Sequence[str], batch_size: int = 64):
     return g, t, m
 
 
-def search(index: ImageIndex, model, params, texts: Sequence[str], k: int = 10,
+def _rerank_candidates(index, q_glob, q_tok, q_mask, k: int, rerank_k: int,
+                       recall_target: Optional[float]):
+    """Two-stage search reading only the candidates' tokens -> (indices [Q, k], scores [Q, k]).
+
+    The global top max(k, rerank_k) of each query over the index's global chunks
+    (store.chunked_topk: exact, or approx_max_k with `recall_target`); the union U of these
+    candidates over the queries (sorted, so ties keep the gallery's order) is read (global rows
+    and tokens) and searched with `xmr_jax.retrieval.topk_search` as a gallery of its own. Each
+    query's global top max(k, rerank_k) lies in U, so with the exact first stage the ranking is
+    the one topk_search gives on the whole gallery.
+    """
+    from xmr_jax.retrieval import topk_search
+    from xmr_jax.search.store import chunked_topk
+
+    n_first = min(len(index), max(k, rerank_k))
+    first, _ = chunked_topk(q_glob, index.global_chunks(), n_first, recall_target=recall_target)
+    union = np.unique(first)
+    sub_glob = index.global_rows(union)
+    sub_tok, sub_mask = index.token_rows(union)
+    sub_idx, scores = topk_search(q_glob, sub_glob, k, query_tokens=q_tok, query_mask=q_mask,
+                                  gallery_tokens=sub_tok, gallery_mask=sub_mask,
+                                  rerank_k=rerank_k, direction="t2i")
+    return union[np.asarray(sub_idx)], np.asarray(scores, np.float32)
+
+
+def search(index, model, params, texts: Sequence[str], k: int = 10,
            rerank_k: int = 100, two_stage: Optional[bool] = None, check: bool = True,
-           mesh=None) -> SearchResult:
+           mesh=None, recall_target: Optional[float] = None) -> SearchResult:
     """Top-k images of the index for each text query.
 
     Args:
-      index: an ImageIndex; model, params: the CLIP it was built with (or an `Encoders`).
+      index: an IndexStore (index folder: only its global features are scanned, chunk by chunk;
+        only the candidates' tokens are read) or an in-memory ImageIndex (.npz).
+      model, params: the CLIP it was built with (or an `Encoders`).
       texts: Q query captions. k: results per query (capped at the index size).
       rerank_k: global candidates reranked by s_g + s_l in two-stage search.
       two_stage: None = two-stage iff the index holds tokens; True needs tokens; False = global.
       check: verify that the model matches the index (IndexMismatchError).
-      mesh: optional jax.sharding.Mesh with a "data" axis: the gallery is sharded over it
-        (two-stage search; same results as one device).
+      mesh: optional jax.sharding.Mesh with a "data" axis: an in-memory ImageIndex's gallery is
+        sharded over it (two-stage search; same results as one device).
+      recall_target: None = exact global top-k; a float in (0, 1] = jax.lax.approx_max_k with
+        this recall target for the global stage (approximate on TPU; XLA computes it exactly on
+        CPU and GPU).
     Repeated calls: pass `model_encoders(model, params)` as `model` to reuse compiled encoders.
     """
+    from xmr_jax.search.store import IndexStore
+
     enc = as_encoders(model, params)
     texts = [str(t) for t in texts]
     if not texts:
@@ -101,25 +136,35 @@ def search(index: ImageIndex, model, params, texts: Sequence[str], k: int = 10,
         raise SearchError(f"--k must be >= 1, got {k}")
     if rerank_k < 1:
         raise SearchError(f"--rerank_k must be >= 1, got {rerank_k}")
+    if recall_target is not None and not 0.0 < float(recall_target) <= 1.0:
+        raise SearchError(f"--approx_recall must be in (0, 1], got {recall_target}")
+    chunked = isinstance(index, IndexStore) or recall_target is not None
+    if chunked and mesh is not None:
+        raise SearchError("--shard_gallery shards a .npz index held in memory (exact search); an index "
+                          "folder (or --approx_recall) is searched chunk by chunk on one device")
     k = min(int(k), len(index))
     q_glob, q_tok, q_mask = encode_texts(enc, texts)
     from xmr_jax.retrieval import topk_search
+    from xmr_jax.search.store import chunked_topk
 
-    if two_stage:
-        if q_tok is None or q_mask is None:
-            raise SearchError("the text encoder returns no token features/mask; use --global_only")
-        rk = int(rerank_k)
+    rk = int(rerank_k) if two_stage else None
+    if two_stage and (q_tok is None or q_mask is None):
+        raise SearchError("the text encoder returns no token features/mask; use --global_only")
+    if chunked and two_stage:
+        idx, scores = _rerank_candidates(index, q_glob, q_tok, q_mask, k, rk, recall_target)
+    elif chunked:
+        idx, scores = chunked_topk(q_glob, index.global_chunks(), k, recall_target=recall_target)
+    elif two_stage:
         idx, scores = topk_search(q_glob, index.global_features, k, query_tokens=q_tok,
                                   query_mask=q_mask, gallery_tokens=index.tokens,
                                   gallery_mask=index.mask, rerank_k=rk, direction="t2i",
                                   mesh=mesh)
     else:
-        rk = None
         idx, scores = topk_search(q_glob, index.global_features, k)
     idx, scores = np.asarray(idx, np.int32), np.asarray(scores, np.float32)
-    paths = [[index.paths[j] for j in row] for row in idx]
+    flat = index.paths_of(idx.reshape(-1))
+    paths = [flat[q * k:(q + 1) * k] for q in range(len(texts))]
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    gallery = unit(np.asarray(index.global_features, np.float32))
-    cosine = np.einsum("qd,qkd->qk", unit(np.asarray(q_glob, np.float32)), gallery[idx]).astype(np.float32)
+    rows = unit(index.global_rows(idx.reshape(-1))).reshape(idx.shape + (-1,))
+    cosine = np.einsum("qd,qkd->qk", unit(np.asarray(q_glob, np.float32)), rows).astype(np.float32)
     return SearchResult(texts, idx, scores, paths, bool(two_stage), rk, cosine)
-
