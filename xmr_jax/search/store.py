@@ -424,13 +424,13 @@ def chunked_topk(query_global, chunks: Sequence[np.ndarray], k: int, block_rows:
     kb = min(k, block)
     best_v = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
     best_i = jnp.full((q.shape[0], k), -1, jnp.int32)
-    buf = np.zeros((block, q.shape[1]), np.float32)
     offset = 0
     for c in chunks:
         for b0 in range(0, len(c), block):
             part = c[b0:b0 + block]
+            # A fresh buffer per block: JAX may alias host memory and computes asynchronously.
+            buf = np.zeros((block, q.shape[1]), np.float32)
             buf[:len(part)] = part
-            buf[len(part):] = 0.0
             v, i = _block_topk(q, jnp.asarray(buf), len(part), offset + b0, k=kb,
                                recall_target=recall_target)
             if kb < k:
