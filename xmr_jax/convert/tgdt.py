@@ -336,7 +336,7 @@ def load_tgdt(path: str, *, heads: int = 4, region_heads: int = 4, text_heads: O
 # Hugging Face BERT
 
 
-def _read_bert_folder(folder: str) -> tuple[dict, dict]:
+def _read_bert_config(folder: str) -> dict:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"BERT folder not found: {folder} (expected a transformers BertModel folder with "
                                 "config.json and model.safetensors or pytorch_model.bin)")
@@ -344,11 +344,14 @@ def _read_bert_folder(folder: str) -> tuple[dict, dict]:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{folder}: config.json is missing (expected a transformers BertModel folder)")
     with open(cfg_path) as fh:
-        cfg = json.load(fh)
+        return json.load(fh)
+
+
+def _read_bert_weights(folder: str) -> dict:
     for name in ("model.safetensors", "pytorch_model.bin"):
         weights = os.path.join(folder, name)
         if os.path.isfile(weights):
-            return cfg, load_state_dict_file(weights)
+            return load_state_dict_file(weights)
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded checkpoints are not "
                             "supported; save the model with save_pretrained(..., max_shard_size='10GB'))")
 
@@ -388,8 +391,9 @@ def load_bert(folder: str, num_layers: int = 6, dtype: Any = "float32"):
     bert-base-uncased with num_hidden_layers=6."""
     from xmr_jax.models.clip import parse_dtype
 
-    cfg, sd = _read_bert_folder(folder)
+    cfg = _read_bert_config(folder)
     _check_bert_config(cfg, folder)
+    sd = _read_bert_weights(folder)
     what = f"BERT weights in {folder}"
     sizes, params = bert_state_dict_to_params(sd, num_layers, what)
     heads = cfg.get("num_attention_heads", sizes["hidden_size"] // BERT_HEAD_DIM)
