@@ -265,3 +265,28 @@ def test_unreadable_and_foreign_files(tmp_path):
     torch.save({"model": {}, "extra": UnknownToUnpickler()}, path)
     with pytest.raises(ValueError, match="allow_pickle=True"):
         read_tgdt_checkpoint(path)
+
+
+def test_outputs_feed_the_projects_cmc_loss():
+    """TGDTRegions.__call__ returns what xmr_jax.models.tgdt.compute_losses reads; with the detach the
+    loss gradient reaches the stage-2 transformers only."""
+    import ml_collections
+
+    from xmr_jax.models.tgdt import compute_losses
+
+    config = ml_collections.ConfigDict({"tgdt": {"local_scale": 10.0, "positives": "image_id", "margin": 0.2,
+                                                 "slack": 0.3, "negatives": "hardest"}})
+    model = tgdt_regions_from_config({"preset": "tiny", "region_dim": SIZES["region_dim"], "vocab_size": SIZES["vocab"],
+                                      "max_position_embeddings": 16})
+    params = init_tgdt_regions_params(model, jax.random.key(1))
+    regions, boxes, ids = make_inputs(seed=6)
+    batch = {"regions": jnp.asarray(regions), "boxes": jnp.asarray(boxes), "text_ids": jnp.asarray(ids, jnp.int32),
+             "image_ids": jnp.arange(B, dtype=jnp.int32)}
+
+    def loss(p):
+        return compute_losses(model.apply({"params": p}, batch), batch, config)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert np.isfinite(float(value)) and float(value) > 0
+    touched = sorted(k for k, v in grads.items() if any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(v)))
+    assert touched == ["image_stage2", "text_stage2"]
