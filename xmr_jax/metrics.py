@@ -1,8 +1,10 @@
-"""Retrieval metrics: person retrieval (R@K, mAP, mINP) and image-caption recall (R@K, rsum).
+"""Retrieval metrics: person retrieval (R@K, mAP, mINP), image-caption recall (R@K, rsum) and
+image-caption NDCG@k with graded relevance files (TERAN's ROUGE-L / SPICE protocol).
 
 All computations run in NumPy on the host (a stable sort in chunks of queries is faster on CPU
 than on-device sorting and needs no recompilation per shape); inputs may be NumPy or JAX arrays of
-any float dtype (bf16 is upcast to float32). Results are python floats in PERCENT.
+any float dtype (bf16 is upcast to float32). Results are python floats in PERCENT, except NDCG
+(a fraction in [0, 1], as TERAN and TGDT print it).
 
 Tie rule (everywhere): gallery items with equal similarity are ranked by ascending gallery
 index, i.e. the ranking is a stable descending sort. Ranks below are 0-based unless stated.
@@ -19,6 +21,11 @@ __all__ = [
     "caption_retrieval_metrics",
     "coco_1k_metrics",
     "format_metrics_table",
+    "RelevanceFileError",
+    "relevance_path",
+    "load_relevance",
+    "load_relevances",
+    "ndcg_metrics",
 ]
 
 _CHUNK_ELEMENTS = 1 << 22  # ~4M similarity entries per chunk (16 MB float32)
@@ -242,6 +249,153 @@ def coco_1k_metrics(
             )
         )
     return {key: float(np.mean([m[key] for m in per_fold])) for key in per_fold[0]}
+
+
+# ----------------------------------------------------------------------------- NDCG (TERAN)
+
+
+class RelevanceFileError(ValueError, FileNotFoundError):
+    """A relevance file is missing or does not hold a [n_captions, n_images] float32 matrix."""
+
+
+def relevance_path(folder, name: str, split: str, method: str):
+    """TERAN's relevance file name: ``{folder}/{name}-{split}-{method}.npy`` (method rougeL | spice),
+    e.g. ``data/f30k/relevances/f30k-test-rougeL.npy``."""
+    from pathlib import Path
+
+    return Path(folder) / f"{name}-{split}-{method}.npy"
+
+
+def load_relevance(path, n_captions: int, n_images: int) -> np.ndarray:
+    """Memory-maps one relevance matrix, float32 [n_captions, n_images] (caption-major).
+
+    Entry [q, i] is the relevance of image i (through its captions) to caption q, as TERAN's
+    compute_relevance.py writes it: a raw float32 memmap without a header despite the ``.npy``
+    name. A real ``.npy`` file (with its header) of that shape is accepted too. Nothing is read
+    until it is sliced.
+
+    Raises:
+      RelevanceFileError: the file is missing, or its size / shape / dtype does not match.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise RelevanceFileError(
+            f"relevance file {path} not found (NDCG needs a float32 [{n_captions} captions, {n_images} images] "
+            f"memmap per method, as TERAN's evaluate_utils/compute_relevance.py writes)"
+        )
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        rel = np.load(path, mmap_mode="r")
+        if rel.shape != (n_captions, n_images) or rel.dtype != np.float32:
+            raise RelevanceFileError(
+                f"relevance file {path}: expected float32 [{n_captions}, {n_images}] (captions x images), "
+                f"got {rel.dtype} {list(rel.shape)}"
+            )
+        return rel
+    size = path.stat().st_size
+    if size != 4 * n_captions * n_images:
+        raise RelevanceFileError(
+            f"relevance file {path}: {size} bytes, expected {4 * n_captions * n_images} "
+            f"(raw float32 [{n_captions} captions, {n_images} images])"
+        )
+    return np.memmap(path, dtype=np.float32, mode="r", shape=(n_captions, n_images))
+
+
+def load_relevances(folder, name: str, split: str, n_captions: int, n_images: int,
+                    methods: Sequence[str] = ("rougeL", "spice")) -> dict:
+    """{method: load_relevance(relevance_path(folder, name, split, method), ...)} for each method."""
+    return {m: load_relevance(relevance_path(folder, name, split, m), n_captions, n_images) for m in methods}
+
+
+def _dcg(gains: np.ndarray) -> np.ndarray:
+    """[n, k] gains (2^rel - 1, in rank order) -> [n] DCG with discounts log2(rank + 2)."""
+    return gains @ (1.0 / np.log2(np.arange(gains.shape[1]) + 2.0))
+
+
+def _ndcg_rows(scores: np.ndarray, rel: np.ndarray, k: int) -> np.ndarray:
+    """NDCG@k of each row: ranking by `scores` [n, m] (stable descending), relevances `rel` [n, m].
+
+    Returns [n] float64; 0 where the ideal DCG is 0."""
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    rel = rel.astype(np.float64)
+    got = np.take_along_axis(rel, order, axis=1)
+    ideal = -np.sort(-rel, axis=1)[:, :k]
+    dcg, best = _dcg(np.exp2(got) - 1.0), _dcg(np.exp2(ideal) - 1.0)
+    return np.where(best > 0, dcg / np.where(best > 0, best, 1.0), 0.0)
+
+
+def ndcg_metrics(similarity_i2t, relevances: Mapping[str, np.ndarray], k: int = 25,
+                 captions_per_image: int = 5, folds: int = 1) -> dict:
+    """NDCG@k of image->text and text->image retrieval with graded relevances (TERAN / TGDT).
+
+    For a query, the retrieved items are ranked by similarity (ties: lower index first); NDCG@k =
+    sum over the top k of (2^rel - 1) / log2(rank + 2) (rank 0-based), divided by the same sum
+    for the query's ideal ordering, and 0 when that ideal sum is 0.
+
+    - t2i: query = caption q, items = the images of its fold, relevance = row q of the matrix.
+      Averaged over all captions.
+    - i2t: query = image i, items = the captions of its fold, relevance = column i. Averaged over
+      the images whose NDCG is not 0 (TERAN's and TGDT's evaluation.py do exactly this for i2t,
+      and average t2i over all captions).
+
+    Args:
+      similarity_i2t: [N_img, N_txt] scores (rows images, cols captions), caption j belongs to
+        image j // captions_per_image, N_txt == N_img * captions_per_image.
+      relevances: {method: [N_txt, N_img]} caption-major matrices (e.g. ``load_relevances``
+        memmaps, read a block at a time), usually {"rougeL": ..., "spice": ...}.
+      k: cut-off (25 in TERAN and TGDT).
+      folds: 1, or the number of disjoint image blocks (COCO 1K: 5); fold f holds images
+        [f N_img/folds, (f+1) N_img/folds) and their captions; each metric is the mean over folds
+        of the per-fold value (TERAN's 5-fold protocol; the relevance matrix covers the whole split).
+
+    Returns:
+      {"i2t_ndcg_<method>", "t2i_ndcg_<method>"} for each method: python floats in [0, 1].
+    """
+    fn = "ndcg_metrics"
+    sim = _as_float_matrix(similarity_i2t, "similarity_i2t", fn)
+    n_img, n_txt = sim.shape
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"{fn}: k must be a positive int, got {k!r}.")
+    if n_img == 0 or n_txt != n_img * captions_per_image:
+        raise ValueError(
+            f"{fn}: similarity_i2t has shape {sim.shape}; expected [N_img, N_img * {captions_per_image}] "
+            f"(captions of image i at columns [{captions_per_image} i, {captions_per_image} (i + 1)))."
+        )
+    if folds < 1 or n_img % folds:
+        raise ValueError(f"{fn}: {n_img} images cannot be split into folds={folds} equal blocks.")
+    if not relevances:
+        raise ValueError(f"{fn}: no relevance matrix given (expected e.g. {{'rougeL': ..., 'spice': ...}}).")
+    for method, rel in relevances.items():
+        if tuple(np.shape(rel)) != (n_txt, n_img):
+            raise ValueError(
+                f"{fn}: relevance {method!r} has shape {tuple(np.shape(rel))}; expected ({n_txt}, {n_img}) "
+                f"(captions x images, TERAN's layout)."
+            )
+    fi, ft = n_img // folds, n_txt // folds
+    out: dict = {}
+    for method, rel in relevances.items():
+        i2t_folds, t2i_folds = [], []
+        for f in range(folds):
+            i0, t0 = f * fi, f * ft
+            block = sim[i0:i0 + fi, t0:t0 + ft]
+            t2i = np.concatenate([
+                _ndcg_rows(block[:, a:b].T, np.asarray(rel[t0 + a:t0 + b, i0:i0 + fi]), k)
+                for a, b in _chunks(ft, fi)
+            ])
+            i2t = np.concatenate([
+                _ndcg_rows(block[a:b], np.asarray(rel[t0:t0 + ft, i0 + a:i0 + b]).T, k)
+                for a, b in _chunks(fi, ft)
+            ])
+            t2i_folds.append(float(np.mean(t2i)))
+            nonzero = i2t[i2t != 0]
+            i2t_folds.append(float(np.mean(nonzero)) if nonzero.size else 0.0)
+        out[f"i2t_ndcg_{method}"] = float(np.mean(i2t_folds))
+        out[f"t2i_ndcg_{method}"] = float(np.mean(t2i_folds))
+    return out
 
 
 # ----------------------------------------------------------------------------- printing
