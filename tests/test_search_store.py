@@ -272,3 +272,57 @@ def test_foreign_and_old_formats_are_named(gallery, tmp_path, capsys):
     with pytest.raises(S.SearchError, match="--shard_gallery"):
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
         S.search(gallery["store"], gallery["enc"], None, ["a"], k=2, mesh=mesh)
+
+
+def test_synthetic_gallery_store_equals_memory(tmp_path):
+    """3000 random items in chunks of 700 (the last one short), 8 queries: the folder's search
+    ranks as topk_search on the whole gallery held in memory. The scores agree to 2 float32 ulps:
+    XLA:CPU's matmul sums in an order that depends on the gallery's shape."""
+    rng = np.random.default_rng(4)
+    n, d, l_img, l_txt = 3000, 32, 5, 7
+    glob = rng.standard_normal((n, d), dtype=np.float32)
+    toks = (glob[:, None] + rng.standard_normal((n, l_img, d), dtype=np.float32)).astype(np.float16)
+    mask = np.ones((n, l_img), bool)
+    mask[:, 0] = False
+    paths = [f"{i:05d}.jpg" for i in range(n)]
+    writer = S.IndexWriter(str(tmp_path / "idx"), paths, 700, d, True, {"fingerprint": "synthetic"})
+    for c in writer.pending():
+        r = writer.chunk_range(c)
+        writer.write_chunk(c, glob[r.start:r.stop], toks[r.start:r.stop], mask[r.start:r.stop],
+                           paths[r.start:r.stop])
+    writer.finish()
+    store = S.IndexStore(str(tmp_path / "idx"))
+    memory = S.ImageIndex(glob, toks, mask, paths, {"format": "xmr_jax.search.index", "version": 1})
+    q = glob[rng.integers(0, n, 8)] + rng.standard_normal((8, d), dtype=np.float32)
+    qt = q[:, None] + rng.standard_normal((8, l_txt, d), dtype=np.float32)
+    qm = np.arange(l_txt)[None, :] < rng.integers(2, l_txt + 1, (8, 1))
+    for k, rk in ((10, 100), (150, 100), (5, 3000)):
+        a = S.search_features(store, q, qt, qm, k, rk)
+        b = S.search_features(memory, q, qt, qm, k, rk)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_allclose(a[1], b[1], rtol=2.5e-7, atol=2.5e-7)
+    a = S.search_features(store, q, None, None, 20)
+    b = S.search_features(memory, q, None, None, 20)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], rtol=0, atol=2.5e-7)
+
+
+def test_benchmark_runs_small(tmp_path, capsys):
+    """benchmarks/search_index.py end to end on a small gallery: prints what it promises and
+    removes its index folder."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "search_index_bench", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "search_index.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench_idx"
+    assert bench.main(["--items", "3000", "--dim", "32", "--tokens", "2", "--chunk_size", "1000",
+                       "--queries", "4", "--repeats", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for needle in ("load average", "build:", "items/s", "index size on disk: 1.0 MB (350 bytes per item",
+                   "global top-10", "two-stage", "recall@10 of approx_max_k vs exact: global 1.0000",
+                   "resident memory"):
+        assert needle in text, (needle, text)
+    assert not out.exists()

@@ -52,7 +52,8 @@ from xmr_jax.search.index import (IMAGE_EXTENSIONS, INDEX_FORMAT, INDEX_VERSION,
                                   build_index, check_compatible, list_images, load_image,
                                   load_index, save_index, write_index)
 from xmr_jax.search.store import STORE_VERSION, IndexStore, IndexWriter, chunked_topk
-from xmr_jax.search.query import SearchResult, check_queries, encode_texts, query_token_counts, search
+from xmr_jax.search.query import (SearchResult, check_queries, encode_texts, query_token_counts, search,
+                                  search_features)
 from xmr_jax.search.render import GREEN, GREY, WHITE, GridLayout, render_grid
 
 __all__ = [
@@ -61,5 +62,5 @@ __all__ = [
     "build_index", "check_compatible", "check_queries", "encode_texts", "exported_encoders",
     "list_images", "load_encoders", "load_image", "load_index", "main", "model_encoders",
     "params_fingerprint", "query_token_counts", "read_ground_truth", "render_grid", "save_index",
-    "search", "write_index",
+    "search", "search_features", "write_index",
 ]

@@ -80,7 +80,8 @@ def _rerank_candidates(index, q_glob, q_tok, q_mask, k: int, rerank_k: int,
     The global top max(k, rerank_k) of each query over the index's global chunks
     (store.chunked_topk: exact, or approx_max_k with `recall_target`); the union U of these
     candidates over the queries (sorted, so ties keep the gallery's order) is read (global rows
-    and tokens) and searched with `xmr_jax.retrieval.topk_search` as a gallery of its own. Each
+    and tokens) and searched with `xmr_jax.retrieval.topk_search` as a gallery of its own (padded
+    to a power of two with invalid rows). Each
     query's global top max(k, rerank_k) lies in U, so with the exact first stage the ranking is
     the one topk_search gives on the whole gallery.
     """
@@ -90,12 +91,51 @@ def _rerank_candidates(index, q_glob, q_tok, q_mask, k: int, rerank_k: int,
     n_first = min(len(index), max(k, rerank_k))
     first, _ = chunked_topk(q_glob, index.global_chunks(), n_first, recall_target=recall_target)
     union = np.unique(first)
-    sub_glob = index.global_rows(union)
-    sub_tok, sub_mask = index.token_rows(union)
+    # Padded to a power of two with rows that are never selected (gallery_valid False), so
+    # repeated searches reuse a few compiled shapes instead of one per candidate count.
+    n_u, n_pad = len(union), 1 << max(0, (len(union) - 1).bit_length())
+    pad = lambda x: np.concatenate([x, np.zeros((n_pad - n_u,) + x.shape[1:], x.dtype)])
+    sub_glob = pad(index.global_rows(union))
+    sub_tok, sub_mask = map(pad, index.token_rows(union))
     sub_idx, scores = topk_search(q_glob, sub_glob, k, query_tokens=q_tok, query_mask=q_mask,
                                   gallery_tokens=sub_tok, gallery_mask=sub_mask,
-                                  rerank_k=rerank_k, direction="t2i")
+                                  rerank_k=rerank_k, direction="t2i",
+                                  gallery_valid=np.arange(n_pad) < n_u)
     return union[np.asarray(sub_idx)], np.asarray(scores, np.float32)
+
+
+def search_features(index, query_global, query_tokens=None, query_mask=None, k: int = 10,
+                    rerank_k: int = 100, mesh=None, recall_target: Optional[float] = None):
+    """Searches an index with encoded queries -> (indices int32 [Q, k], scores float32 [Q, k]).
+
+    query_global f32 [Q, D]; query_tokens f32 [Q, T, D] + query_mask bool [Q, T] for two-stage
+    search (None: global cosine). An IndexStore (or recall_target) is searched chunk by chunk:
+    the global top max(k, rerank_k) of each query (`store.chunked_topk`), then only those
+    candidates' rows are read and searched with `xmr_jax.retrieval.topk_search`; an in-memory
+    ImageIndex without recall_target goes to topk_search whole (mesh: sharded over its "data"
+    axis). Scores: s_g + s_l for reranked items, else the cosine. k <= len(index).
+    """
+    from xmr_jax.retrieval import topk_search
+    from xmr_jax.search.store import IndexStore, chunked_topk
+
+    two_stage = query_tokens is not None
+    chunked = isinstance(index, IndexStore) or recall_target is not None
+    if chunked and mesh is not None:
+        raise SearchError("--shard_gallery shards a .npz index held in memory (exact search); an index "
+                          "folder (or --approx_recall) is searched chunk by chunk on one device")
+    if chunked and two_stage:
+        idx, scores = _rerank_candidates(index, query_global, query_tokens, query_mask, k,
+                                         int(rerank_k), recall_target)
+    elif chunked:
+        idx, scores = chunked_topk(query_global, index.global_chunks(), k, recall_target=recall_target)
+    elif two_stage:
+        idx, scores = topk_search(query_global, index.global_features, k, query_tokens=query_tokens,
+                                  query_mask=query_mask, gallery_tokens=index.tokens,
+                                  gallery_mask=index.mask, rerank_k=int(rerank_k), direction="t2i",
+                                  mesh=mesh)
+    else:
+        idx, scores = topk_search(query_global, index.global_features, k)
+    return np.asarray(idx, np.int32), np.asarray(scores, np.float32)
 
 
 def search(index, model, params, texts: Sequence[str], k: int = 10,
@@ -118,8 +158,6 @@ def search(index, model, params, texts: Sequence[str], k: int = 10,
         CPU and GPU).
     Repeated calls: pass `model_encoders(model, params)` as `model` to reuse compiled encoders.
     """
-    from xmr_jax.search.store import IndexStore
-
     enc = as_encoders(model, params)
     texts = [str(t) for t in texts]
     if not texts:
@@ -138,30 +176,14 @@ def search(index, model, params, texts: Sequence[str], k: int = 10,
         raise SearchError(f"--rerank_k must be >= 1, got {rerank_k}")
     if recall_target is not None and not 0.0 < float(recall_target) <= 1.0:
         raise SearchError(f"--approx_recall must be in (0, 1], got {recall_target}")
-    chunked = isinstance(index, IndexStore) or recall_target is not None
-    if chunked and mesh is not None:
-        raise SearchError("--shard_gallery shards a .npz index held in memory (exact search); an index "
-                          "folder (or --approx_recall) is searched chunk by chunk on one device")
     k = min(int(k), len(index))
     q_glob, q_tok, q_mask = encode_texts(enc, texts)
-    from xmr_jax.retrieval import topk_search
-    from xmr_jax.search.store import chunked_topk
-
-    rk = int(rerank_k) if two_stage else None
     if two_stage and (q_tok is None or q_mask is None):
         raise SearchError("the text encoder returns no token features/mask; use --global_only")
-    if chunked and two_stage:
-        idx, scores = _rerank_candidates(index, q_glob, q_tok, q_mask, k, rk, recall_target)
-    elif chunked:
-        idx, scores = chunked_topk(q_glob, index.global_chunks(), k, recall_target=recall_target)
-    elif two_stage:
-        idx, scores = topk_search(q_glob, index.global_features, k, query_tokens=q_tok,
-                                  query_mask=q_mask, gallery_tokens=index.tokens,
-                                  gallery_mask=index.mask, rerank_k=rk, direction="t2i",
-                                  mesh=mesh)
-    else:
-        idx, scores = topk_search(q_glob, index.global_features, k)
-    idx, scores = np.asarray(idx, np.int32), np.asarray(scores, np.float32)
+    idx, scores = search_features(index, q_glob, q_tok if two_stage else None,
+                                  q_mask if two_stage else None, k, rerank_k, mesh=mesh,
+                                  recall_target=recall_target)
+    rk = int(rerank_k) if two_stage else None
     flat = index.paths_of(idx.reshape(-1))
     paths = [flat[q * k:(q + 1) * k] for q in range(len(texts))]
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
