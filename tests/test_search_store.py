@@ -153,7 +153,7 @@ def test_interrupted_index_resumes_from_the_last_complete_chunk(gallery, tmp_pat
     assert third.calls == 0
 
 
-def test_cli_progress_bar_and_resume(gallery, tmp_path, capsys):
+def test_cli_progress_bar_and_resume(gallery, tmp_path, capsys, monkeypatch):
     from xmr_jax.convert import save_converted
 
     model = clip_from_config(CLIP_CFG)
@@ -165,7 +165,21 @@ def test_cli_progress_bar_and_resume(gallery, tmp_path, capsys):
     cap = capsys.readouterr()
     assert "[index]: 100%" in cap.err and "6/6" in cap.err  # tqdm bar on stderr
     assert "in 2 chunk(s)" in cap.out
-    (tmp_path / "idx" / "chunks" / "000001" / "DONE").unlink()  # as if stopped in the last chunk
+    # Ctrl-C while the last chunk is written: exit 130, what was written is kept.
+    import shutil
+
+    shutil.rmtree(tmp_path / "idx")
+    write_chunk = S.IndexWriter.write_chunk
+
+    def interrupted(self, c, *a, **kw):
+        if c == 1:
+            raise KeyboardInterrupt
+        return write_chunk(self, c, *a, **kw)
+
+    monkeypatch.setattr(S.IndexWriter, "write_chunk", interrupted)
+    assert S.main(args + ["--no_progress"]) == 130
+    assert "[index] interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(S.IndexWriter, "write_chunk", write_chunk)
     assert S.main(args + ["--no_progress"]) == 0
     cap = capsys.readouterr()
     assert "1 of 2 chunks already written, 2 images left" in cap.err and "100%" not in cap.err

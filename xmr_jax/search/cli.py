@@ -157,11 +157,16 @@ def _cmd_index(args, log) -> int:
     enc = _load_encoders(args)
     log(f"[index] {len(paths)} images in {args.images}; model {enc.description['kind']} "
         f"embed_dim={enc.embed_dim} image_size={tuple(enc.image_size)}")
-    index = _write(lambda: write_index(
-        enc, None, paths, args.images, args.index, chunk_size=args.chunk_size,
-        batch_size=args.batch_size, with_tokens=not args.no_tokens,
-        skip_bad_images=args.skip_bad_images, num_workers=args.num_workers,
-        progress=not args.no_progress, log=log), args.index, "--index")
+    try:
+        index = _write(lambda: write_index(
+            enc, None, paths, args.images, args.index, chunk_size=args.chunk_size,
+            batch_size=args.batch_size, with_tokens=not args.no_tokens,
+            skip_bad_images=args.skip_bad_images, num_workers=args.num_workers,
+            progress=not args.no_progress, log=log), args.index, "--index")
+    except KeyboardInterrupt:
+        log(f"[index] interrupted: the chunks written so far are kept; rerun the same command to "
+            f"continue {args.index}")
+        return 130
     skipped = index.meta["skipped"]
     if skipped:
         log(f"[index] skipped {len(skipped)} undecodable image(s): {', '.join(skipped[:5])}"

@@ -48,6 +48,7 @@ STORE_VERSION = 2
 LAYOUT = "npy-chunks"
 MANIFEST = "index.json"
 DONE = "DONE"
+REMOTE_READ_THREADS = 16  # parallel ranged reads of token rows on gs:// and other URIs
 # Manifest fields that must agree for a rerun to continue a partial index.
 _RESUME_KEYS = ("format", "version", "layout", "chunk_size", "num_source", "source_digest",
                 "embed_dim", "with_tokens", "image_root")
@@ -242,16 +243,28 @@ class _NpyRows:
         if self.local:
             return np.asarray(self.array[rows])
         out = np.empty((len(rows),) + tuple(self.shape[1:]), self.dtype)
-        with self.path.open("rb") as fh:
-            start = 0
-            while start < len(rows):  # one read per run of consecutive rows
-                stop = start + 1
-                while stop < len(rows) and rows[stop] == rows[stop - 1] + 1:
-                    stop += 1
-                fh.seek(self.offset + int(rows[start]) * self.row_bytes)
-                buf = fh.read((stop - start) * self.row_bytes)
-                out[start:stop] = np.frombuffer(buf, self.dtype).reshape((stop - start,) + tuple(self.shape[1:]))
-                start = stop
+        runs, start = [], 0
+        while start < len(rows):  # runs of consecutive rows: one ranged read each
+            stop = start + 1
+            while stop < len(rows) and rows[stop] == rows[stop - 1] + 1:
+                stop += 1
+            runs.append((start, stop))
+            start = stop
+
+        def read_run(run):
+            a, b = run
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset + int(rows[a]) * self.row_bytes)
+                buf = fh.read((b - a) * self.row_bytes)
+            out[a:b] = np.frombuffer(buf, self.dtype).reshape((b - a,) + tuple(self.shape[1:]))
+
+        if len(runs) == 1:
+            read_run(runs[0])
+        else:  # object stores: latency-bound requests, issued in parallel
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(REMOTE_READ_THREADS, len(runs))) as pool:
+                list(pool.map(read_run, runs))
         return out
 
 
