@@ -26,6 +26,8 @@ DATASETS = {
     "rstpreid": "Rstpreid",
     "flickr30k_karpathy": "Flickr30kKarpathy",
     "coco_karpathy": "CocoKarpathy",
+    "flickr30k_regions": "Flickr30kRegions",
+    "coco_regions": "CocoRegions",
 }
 
 
