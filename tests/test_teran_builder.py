@@ -196,3 +196,33 @@ def test_cli_and_skip_bad_images_refused(tmp_path, capsys):
     assert build.main(argv) == 0
     out = capsys.readouterr().out
     assert re.search(r"flickr30k_regions: test\s+3\s+15", out)
+
+
+def test_built_split_feeds_tgdt_regions_and_ndcg(tmp_path):
+    """The stored fields fit the pieces that use them: WordPiece ids and the regions/boxes go into
+    TGDTRegions' encoders; the caption-major similarity/relevance layout into ndcg_metrics."""
+    import jax
+    import jax.numpy as jnp
+
+    from xmr_jax import metrics
+    from xmr_jax.models.tgdt_regions import tgdt_regions_from_config
+    from xmr_jax.wordpiece import WordPieceTokenizer
+
+    builder = build.build("flickr30k_regions", fx.write_flickr30k_teran(tmp_path / "m"), tmp_path / "tfds")
+    test = _read(builder, "test")
+    regions = np.stack([e["regions"] for e in test])            # [3, 36, 2048]
+    boxes = np.stack([e["boxes"] for e in test])                # [3, 36, 4]
+    captions = [c.decode() for e in test for c in e["captions"]]  # caption 5 i + k belongs to image i
+    tok = WordPieceTokenizer(fx.write_bert_vocab(tmp_path / "vocab.txt"))
+    ids = tok.encode(captions, max_length=None)                 # [15, S], padded to the longest
+    assert (ids[:, 0] == tok.cls_id).all() and tok.unk_id not in ids
+    model = tgdt_regions_from_config({"preset": "tiny", "region_dim": 2048, "vocab_size": tok.vocab_size})
+    params = model.init(jax.random.PRNGKey(0), model.dummy_batch(1, 36, ids.shape[1]))["params"]
+    img, img_tokens, _ = model.apply({"params": params}, regions, boxes, method="encode_image", token_set="test")
+    txt, _, _ = model.apply({"params": params}, jnp.asarray(ids), method="encode_text", token_set="test")
+    assert img.shape == (3, 32) and img_tokens.shape == (3, 37, 32) and txt.shape == (15, 32)
+    sim = np.asarray(img / jnp.linalg.norm(img, axis=1, keepdims=True)) @ np.asarray(
+        txt / jnp.linalg.norm(txt, axis=1, keepdims=True)).T
+    rel = np.random.default_rng(0).random((15, 3)).astype(np.float32)
+    out = metrics.ndcg_metrics(sim, {"rougeL": rel}, k=25)
+    assert 0 < out["i2t_ndcg_rougeL"] <= 1 and 0 < out["t2i_ndcg_rougeL"] <= 1
