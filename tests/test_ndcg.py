@@ -62,6 +62,19 @@ def test_matches_bruteforce(n_img, k, folds, monkeypatch):
     assert set(out) == {"i2t_ndcg_rougeL", "t2i_ndcg_rougeL", "i2t_ndcg_spice", "t2i_ndcg_spice"}
 
 
+def test_many_ties_at_the_cut(monkeypatch):
+    """Scores from 3 values only: the top-k boundary falls inside a tie in most rows."""
+    sim, rel = _data(20, seed=11)
+    sim = np.round(np.random.default_rng(1).random(sim.shape) * 2).astype(np.float32)
+    for k in (1, 4, 7, 25, 100):
+        out = metrics.ndcg_metrics(sim, {"r": rel}, k=k)
+        i2t, t2i = _reference(sim.astype(np.float64), rel.astype(np.float64), k, 5, 1)
+        assert out["i2t_ndcg_r"] == pytest.approx(i2t, abs=1e-9), k
+        assert out["t2i_ndcg_r"] == pytest.approx(t2i, abs=1e-9), k
+    order = metrics._top_k_stable(sim, 9)
+    np.testing.assert_array_equal(order, np.argsort(-sim, axis=1, kind="stable")[:, :9])
+
+
 def test_ideal_ranking_scores_one_and_worse_is_lower():
     n_img = 6
     _, rel = _data(n_img, seed=3)

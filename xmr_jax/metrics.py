@@ -315,15 +315,33 @@ def _dcg(gains: np.ndarray) -> np.ndarray:
     return gains @ (1.0 / np.log2(np.arange(gains.shape[1]) + 2.0))
 
 
+def _top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
+    """[n, m] -> [n, k] column indices of each row's first k items under a stable descending sort
+    (ties: lower index first), without sorting whole rows: the k-th largest value v comes from a
+    partition; every item above v is in, and the lowest-index items equal to v fill the rest."""
+    n, m = scores.shape
+    if k == m:
+        return np.argsort(-scores, axis=1, kind="stable")
+    v = np.partition(scores, m - k, axis=1)[:, m - k][:, None]
+    above = scores > v
+    equal = scores == v
+    need = k - above.sum(axis=1, keepdims=True)
+    chosen = above | (equal & (np.cumsum(equal, axis=1) <= need))
+    idx = np.nonzero(chosen)[1].reshape(n, k)  # ascending column order within each row
+    picked = np.take_along_axis(scores, idx, axis=1)
+    return np.take_along_axis(idx, np.argsort(-picked, axis=1, kind="stable"), axis=1)
+
+
 def _ndcg_rows(scores: np.ndarray, rel: np.ndarray, k: int) -> np.ndarray:
     """NDCG@k of each row: ranking by `scores` [n, m] (stable descending), relevances `rel` [n, m].
 
     Returns [n] float64; 0 where the ideal DCG is 0."""
-    k = min(k, scores.shape[1])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    n, m = scores.shape
+    k = min(k, m)
+    order = _top_k_stable(scores, k)
     rel = rel.astype(np.float64)
     got = np.take_along_axis(rel, order, axis=1)
-    ideal = -np.sort(-rel, axis=1)[:, :k]
+    ideal = -np.sort(-np.partition(rel, m - k, axis=1)[:, m - k:], axis=1)
     dcg, best = _dcg(np.exp2(got) - 1.0), _dcg(np.exp2(ideal) - 1.0)
     return np.where(best > 0, dcg / np.where(best > 0, best, 1.0), 0.0)
 
