@@ -217,7 +217,8 @@ def test_index_folder_on_gcs(gallery, tmp_path, monkeypatch):
 
 
 def test_npy_ranged_reads_match_memmap(tmp_path, monkeypatch):
-    """_NpyRows on a non-local path: header parsed, runs of consecutive rows read at once."""
+    """_NpyRows: header parsed, runs of consecutive rows read at once (ranged reads on gs://,
+    positioned reads locally); a truncated file is named."""
     fake_gcs.fake_gcs(tmp_path / "gcs", monkeypatch)
     try:
         from etils import epath
@@ -230,6 +231,12 @@ def test_npy_ranged_reads_match_memmap(tmp_path, monkeypatch):
         rows = np.array([0, 1, 2, 7, 30, 31, 49])
         np.testing.assert_array_equal(remote.read(rows), arr[rows])
         np.testing.assert_array_equal(remote.read_all(), arr)
+        local = store_mod._NpyRows(tmp_path / "gcs" / "b" / "t.npy")  # positioned reads
+        assert local.local and isinstance(local.read_all(), np.memmap)
+        np.testing.assert_array_equal(local.read(rows), arr[rows])
+        (tmp_path / "cut.npy").write_bytes((tmp_path / "gcs" / "b" / "t.npy").read_bytes()[:-100])
+        with pytest.raises(S.SearchError, match=r"rows 49..49 lie past the end of the file"):
+            store_mod._NpyRows(tmp_path / "cut.npy").read(np.array([0, 49]))
     finally:
         fake_gcs.unregister()
 

@@ -212,17 +212,15 @@ class IndexWriter:
 
 
 class _NpyRows:
-    """Rows of one .npy file: np.load(mmap_mode="r") on a local disk; elsewhere the header is
-    parsed once and rows are read with seek + read (ranged reads on object stores)."""
+    """Rows of one .npy file: the header is parsed once and rows are read with seek + read
+    (ranged reads on object stores; on a local disk this maps no pages, whereas indexing a
+    memory map maps whole stretches of the file around each row). `read_all` memory-maps a
+    local file."""
 
     def __init__(self, path):
         self.path = path
         self.local = _is_local(path)
-        if self.local:
-            self.array = np.load(str(path), mmap_mode="r", allow_pickle=False)
-            self.shape, self.dtype = self.array.shape, self.array.dtype
-            return
-        with path.open("rb") as fh:
+        with (open(str(path), "rb") if self.local else path.open("rb")) as fh:
             version = np.lib.format.read_magic(fh)
             read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                     else np.lib.format.read_array_header_2_0)
@@ -234,14 +232,15 @@ class _NpyRows:
 
     def read_all(self) -> np.ndarray:
         if self.local:
-            return self.array
+            return np.load(str(self.path), mmap_mode="r", allow_pickle=False)
         return np.load(io.BytesIO(self.path.read_bytes()), allow_pickle=False)
+
+    def _open(self):
+        return self.path.open("rb")
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """rows: sorted int array of row numbers -> array [len(rows), ...]."""
         rows = np.asarray(rows, np.int64)
-        if self.local:
-            return np.asarray(self.array[rows])
         out = np.empty((len(rows),) + tuple(self.shape[1:]), self.dtype)
         runs, start = [], 0
         while start < len(rows):  # runs of consecutive rows: one ranged read each
@@ -251,14 +250,25 @@ class _NpyRows:
             runs.append((start, stop))
             start = stop
 
-        def read_run(run):
+        def read_run(run, fh=None):
             a, b = run
-            with self.path.open("rb") as fh:
-                fh.seek(self.offset + int(rows[a]) * self.row_bytes)
-                buf = fh.read((b - a) * self.row_bytes)
+            n_bytes, at = (b - a) * self.row_bytes, self.offset + int(rows[a]) * self.row_bytes
+            if fh is None:
+                with self._open() as f:
+                    f.seek(at)
+                    buf = f.read(n_bytes)
+            else:
+                buf = os.pread(fh.fileno(), n_bytes, at)
+            if len(buf) != n_bytes:
+                raise SearchError(f"{self.path}: rows {rows[a]}..{rows[b - 1]} lie past the end of the "
+                                  f"file (truncated?); rebuild the index")
             out[a:b] = np.frombuffer(buf, self.dtype).reshape((b - a,) + tuple(self.shape[1:]))
 
-        if len(runs) == 1:
+        if self.local:  # positioned reads on one descriptor
+            with open(str(self.path), "rb") as fh:
+                for run in runs:
+                    read_run(run, fh)
+        elif len(runs) == 1:
             read_run(runs[0])
         else:  # object stores: latency-bound requests, issued in parallel
             from concurrent.futures import ThreadPoolExecutor
