@@ -11,7 +11,9 @@ the CLIP tokenizer in IRRA's mask variant, with MLM inputs). Captions are tokeni
 (data set, split, text scheme, context length) in NumPy when the pipeline is built -- faster than
 a tf.py_function per sample and identical across workers. The token table is then looked up
 inside tf.data by caption row; when the TextSpec has an MLM masker, the batch also gets
-mlm_ids / mlm_labels, drawn in tf.data with stateless seeds.
+mlm_ids / mlm_labels, drawn in tf.data with stateless seeds. The image side follows the family's
+ImageSpec (`images=`, default RGB_IMAGES: decode, IRRA's train transform or the test resize,
+CLIP normalization -> `images`): which example features it reads and which batch fields it makes.
 
 Determinism: the training stream is (host shard -> one sample per caption -> shuffle(seed) ->
 repeat -> enumerate -> map); each sample's augmentation and MLM seeds are folded from
@@ -47,7 +49,7 @@ from data_pipelines import preprocess  # noqa: F401  (sets TF log level and hide
 import tensorflow as tf  # noqa: E402,I001
 import tensorflow_datasets as tfds  # noqa: E402
 
-from xmr_jax.models.families import CLIP_TEXT_MLM, TextSpec  # noqa: E402
+from xmr_jax.models.families import CLIP_TEXT_MLM, RGB_IMAGES, ImageSpec, TextSpec  # noqa: E402
 
 CONTEXT_LENGTH = 77
 _BUILDERS_DIR = Path(__file__).resolve().parent / "builders"
@@ -103,6 +105,16 @@ def get_builder(name: str, data_dir: str | os.PathLike | None, manual_dir: str |
     return builder
 
 
+def _skip_image(builder) -> dict | None:
+    """Reading without decoding the encoded image (decoded per sample where needed), if any."""
+    return {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None
+
+
+def _repeat(x: tf.Tensor, n) -> tf.Tensor:
+    """[n, *x.shape]: x repeated n times."""
+    return tf.fill([n], x) if x.shape.rank == 0 else tf.repeat(x[None], n, axis=0)
+
+
 def _check_split(builder, split: str) -> None:
     splits = sorted(builder.info.splits.keys())
     if split not in splits:
@@ -149,7 +161,7 @@ def _split_captions(name: str, data_dir: str | None, split: str):
     builder = get_builder(name, data_dir)
     _check_split(builder, split)
     ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+                            decoders=_skip_image(builder))
     ds = ds.map(lambda ex: (ex["image_index"], ex["pid"], ex["captions"]))
     records = {}
     for image_index, pid, captions in ds.as_numpy_iterator():
@@ -240,7 +252,7 @@ def _host_image_indices_cached(name: str, data_dir: str | None, split: str, proc
                                process_count: int) -> np.ndarray:
     builder = get_builder(name, data_dir)
     ds = builder.as_dataset(split=_host_split(split, process_index, process_count), shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+                            decoders=_skip_image(builder))
     return np.fromiter(ds.map(lambda ex: ex["image_index"]).as_numpy_iterator(), np.int64)
 
 
@@ -274,7 +286,7 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
                      shuffle_buffer: int | None = None, cache: bool | None = None,
                      start_step: int = 0, num_epochs: int | None = None,
                      flip: bool | None = None, context_length: int = CONTEXT_LENGTH,
-                     text: TextSpec = CLIP_TEXT_MLM) -> tf.data.Dataset:
+                     text: TextSpec = CLIP_TEXT_MLM, images: ImageSpec = RGB_IMAGES) -> tf.data.Dataset:
     """The tf.data.Dataset behind `train_dataset` (same arguments); elements are dicts of tensors."""
     size = _image_size(image_size)
     _check_process(process_index, process_count)
@@ -300,14 +312,14 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
         i = ex["image_index"]
         n = counts[i]
         return tf.data.Dataset.from_tensor_slices({
-            "image": tf.fill([n], ex["image"]),
+            **{key: _repeat(ex[key], n) for key in images.features},
             "row": starts[i] + tf.range(n, dtype=tf.int64),
             "pid": tf.fill([n], ex["pid"]),
             "image_index": tf.fill([n], i),
         })
 
     ds = builder.as_dataset(split=host_split, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+                            decoders=_skip_image(builder))
     ds = ds.flat_map(per_caption)
     if cache is None:
         cache = builder.info.dataset_size < _CACHE_LIMIT_BYTES
@@ -325,7 +337,7 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
         seeds = preprocess.sample_seeds(base_seed, position)
         text_ids = tf.gather(tokens, sample["row"])
         out = {
-            "images": preprocess.train_image(sample["image"], size, seeds, augment=augment, flip=flip),
+            **images.train({key: sample[key] for key in images.features}, size, seeds, augment, flip),
             "text_ids": text_ids,
             "pids": tf.cast(sample["pid"], tf.int32),
             "image_ids": tf.cast(sample["image_index"], tf.int32),
@@ -346,7 +358,7 @@ def train_dataset(name: str, data_dir, split: str = "train", image_size=(384, 12
                   shuffle_buffer: int | None = None, cache: bool | None = None,
                   start_step: int = 0, num_epochs: int | None = None,
                   flip: bool | None = None, context_length: int = CONTEXT_LENGTH,
-                  text: TextSpec = CLIP_TEXT_MLM) -> Iterator[dict]:
+                  text: TextSpec = CLIP_TEXT_MLM, images: ImageSpec = RGB_IMAGES) -> Iterator[dict]:
     """Endless (num_epochs=None) iterator of training batches for this process.
 
     Args:
@@ -366,14 +378,16 @@ def train_dataset(name: str, data_dir, split: str = "train", image_size=(384, 12
       flip: random horizontal flip; None = follow `augment` (augment=False, flip=True: flip only).
       context_length: T, the text tower's context (captions tokenized, cut and padded to T).
       text: the tokenizer and MLM masker (the model family's `text(config)`).
+      images: the image-side inputs (the model family's `images(config)`; default RGB_IMAGES).
 
-    Yields dicts of NumPy arrays: images float32 [B,H,W,3] (normalized NHWC), text_ids int32
+    Yields dicts of NumPy arrays: images float32 [B,H,W,3] (normalized NHWC; the fields of
+    `images.train` for another ImageSpec), text_ids int32
     [B,T], pids int32 [B], image_ids int32 [B] (the image_index), and when text.mlm_mask is set
     mlm_ids int32 [B,T], mlm_labels int32 [B,T] (0 = ignore).
     """
     ds = train_tf_dataset(name, data_dir, split, image_size, batch_size, seed, augment, mlm_prob,
                           process_index, process_count, shuffle_buffer, cache, start_step, num_epochs,
-                          flip, context_length, text)
+                          flip, context_length, text, images)
     return ds.as_numpy_iterator()
 
 
@@ -417,28 +431,32 @@ def _padded(batch: dict, batch_size: int, fill: dict | None = None) -> dict:
 
 def eval_gallery(name: str, data_dir, split: str = "test", image_size=(384, 128),
                  batch_size: int = 64, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+                 process_count: int = 1, images: ImageSpec = RGB_IMAGES) -> Iterator[dict]:
     """Each image of this host's range once (test transform), in batches of batch_size.
 
-    Yields dicts: images float32 [B,H,W,3], pids int32 [B], image_ids int32 [B], valid bool [B]
-    (False on padding rows of the last batch and on the extra batches that equalize hosts).
+    Yields dicts: images float32 [B,H,W,3] (the fields of `images.eval` for another ImageSpec),
+    pids int32 [B], image_ids int32 [B], valid bool [B] (False on padding rows of the last batch
+    and on the extra batches that equalize hosts).
     """
     size = _image_size(image_size)
     sizes = eval_sizes(name, data_dir, split, batch_size, process_index, process_count)
     builder = get_builder(name, data_dir)
     ds = builder.as_dataset(split=_host_split(split, process_index, process_count), shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
-    ds = ds.map(lambda ex: {"images": preprocess.eval_image(ex["image"], size),
+                            decoders=_skip_image(builder))
+    ds = ds.map(lambda ex: {**images.eval({key: ex[key] for key in images.features}, size),
                             "pids": tf.cast(ex["pid"], tf.int32),
                             "image_ids": tf.cast(ex["image_index"], tf.int32)},
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_options())
+    unknown = {k: s.shape for k, s in ds.element_spec.items() if None in s.shape[1:]}
+    if unknown:
+        raise DataError(f"image scheme {images.name!r}: eval fields {unknown} have no static shape (padding "
+                        "batches need one); set it in the scheme's eval function")
+    empty = {k: np.zeros((0, *s.shape[1:]), s.dtype.as_numpy_dtype) for k, s in ds.element_spec.items()}
     emitted = 0
     for batch in ds.as_numpy_iterator():
         emitted += 1
         yield _padded(batch, batch_size)
-    empty = {"images": np.zeros((0, *size, 3), np.float32), "pids": np.zeros((0,), np.int32),
-             "image_ids": np.zeros((0,), np.int32)}
     for _ in range(sizes.num_gallery_batches - emitted):
         yield _padded(empty, batch_size)
 
@@ -491,10 +509,11 @@ def _per_process(global_batch: int, process_count: int, field: str) -> int:
 
 
 def from_config(config, process_index: int = 0, process_count: int = 1,
-                text: TextSpec = CLIP_TEXT_MLM) -> PipelineData:
+                text: TextSpec = CLIP_TEXT_MLM, images: ImageSpec = RGB_IMAGES) -> PipelineData:
     """Builds the pipelines from a trainer config (config.data.*, batch_size, eval_batch_size, seed).
 
-    text: how captions become inputs; the trainer passes its model family's `text(config)`.
+    text / images: how captions and the image side become inputs; the trainer passes its model
+    family's `text(config)` and `images(config)`.
     config.data: name, config_name ("" = the builder's default), data_dir ("" = TFDS default),
     manual_dir, image_size, augment, flip, mlm_prob, train_split, eval_split, shuffle_buffer,
     context_length (default 77; must equal the text tower's).
@@ -517,7 +536,7 @@ def from_config(config, process_index: int = 0, process_count: int = 1,
     kwargs = dict(image_size=size, batch_size=batch, seed=int(config.seed), augment=bool(d.augment),
                   flip=d.get("flip"), mlm_prob=float(d.get("mlm_prob", 0.15)),
                   process_index=process_index, process_count=process_count,
-                  shuffle_buffer=d.get("shuffle_buffer"), context_length=context, text=text)
+                  shuffle_buffer=d.get("shuffle_buffer"), context_length=context, text=text, images=images)
 
     def train_iter(start_step: int = 0):
         return train_dataset(name, data_dir, train_split, start_step=start_step, **kwargs)
@@ -526,7 +545,7 @@ def from_config(config, process_index: int = 0, process_count: int = 1,
         _check_split(get_builder(name, data_dir), split)
 
         def gallery_iter():
-            return eval_gallery(name, data_dir, split, size, eval_batch, process_index, process_count)
+            return eval_gallery(name, data_dir, split, size, eval_batch, process_index, process_count, images)
 
         def query_iter():
             return eval_queries(name, data_dir, split, eval_batch, process_index, process_count, context, text)

@@ -452,3 +452,25 @@ def test_text_scheme_sets_tokens_padding_and_mlm_fields(data_dir):
     for img, tokens in zip(batch["image_ids"], batch["text_ids"]):
         start, count = train.caption_start[img], train.caption_count[img]
         assert any(np.array_equal(tokens, row) for row in train.token_ids[start:start + count])
+
+
+def test_image_scheme_sets_the_image_fields(data_dir):
+    """The model family's ImageSpec decides the image-side fields, in training and in the gallery
+    (padding rows included); here the mean colour of the test-transformed image."""
+    from xmr_jax.models.families import ImageSpec
+
+    def mean_color(features, size):
+        return {"color": tf.reduce_mean(pp.eval_image(features["image"], size), axis=(0, 1))}
+
+    spec = ImageSpec("mean_color", ("image",), lambda f, size, seeds, augment, flip: mean_color(f, size),
+                     mean_color)
+    batch = next(ip.train_dataset(NAME, data_dir, image_size=SIZE, batch_size=8, seed=0, images=spec))
+    assert batch["color"].shape == (8, 3) and "images" not in batch
+    plain = list(ip.eval_gallery(NAME, data_dir, "test", SIZE, batch_size=5, process_index=0, process_count=3))
+    colors = list(ip.eval_gallery(NAME, data_dir, "test", SIZE, batch_size=5, process_index=0, process_count=3,
+                                  images=spec))
+    assert len(colors) == len(plain) and set(colors[0]) == {"color", "pids", "image_ids", "valid"}
+    for a, b in zip(plain, colors):
+        np.testing.assert_array_equal(a["valid"], b["valid"])
+        np.testing.assert_allclose(b["color"][a["valid"]], a["images"][a["valid"]].mean(axis=(1, 2)), atol=1e-5)
+        assert not b["color"][~b["valid"]].any()

@@ -95,7 +95,8 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
             import_file = source
         else:
             checkpoints.find_checkpoint(source)
-    data = input_pipeline.from_config(config, jax.process_index(), jax.process_count(), text=family.text(config))
+    data = input_pipeline.from_config(config, jax.process_index(), jax.process_count(), text=family.text(config),
+                                      images=family.images(config))
     family.complete_config(config, data.train_meta)
     steps_per_epoch = data.steps_per_epoch
     is_chief = jax.process_index() == 0

@@ -19,8 +19,8 @@ created directly in its shardings (no device ever holds a full replicated copy u
     for batch in prefetch_to_mesh(numpy_batches, mesh):         # global batches, placed ahead
         state, metrics = step(state, batch)                     # train_step(state, batch)
 
-(xmr_jax.train.sharded_init does the init part, including host-loaded CLIP weights, which are
-placed shard by shard with ``put_sharded``.)
+(xmr_jax.train.sharded_init does the init part, including the model family's host-loaded
+pretrained weights, which are placed shard by shard with ``put_sharded``.)
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A family is a `Family` object. The shared code calls only these members:
 
   name                  the `config.model_family` value it is registered under.
-  evaluator             "person" (text -> image, R1/R5/R10/mAP/mINP over pids) or "caption" (both
-                        directions, global / local / two-stage R@K and rsum); see xmr_jax.evaluate.
+  evaluator             the default evaluator kind: "person" (text -> image, R1/R5/R10/mAP/mINP over
+                        pids) or "caption" (both directions, global / local / two-stage R@K and
+                        rsum); see xmr_jax.evaluate (config.evals may ask for other kinds).
   image_inputs          batch keys `encode_image` takes, in order (e.g. ("images",)).
   text_inputs           batch keys `encode_text` takes (e.g. ("text_ids",)).
   validate(config)      every check of the family's own config fields (loss names included); raises
@@ -25,12 +26,15 @@ A family is a `Family` object. The shared code calls only these members:
                         `--mode=eval --checkpoint=FILE`); `checkpoint_format` says what it reads
                         ("" = the family imports none).
   text(config)          -> TextSpec: the tokenizer, the padding caption and whether MLM inputs are made.
+  images(config)        -> ImageSpec: which data set features make the image side and how (tf.data).
   eval_settings(config) -> keyword settings of the evaluator kind (caption: k_t2i, k_i2t, ...).
   complete_config(config, train_meta)
                         fills config values left to the data set (IRRA: num_classes = identities).
 
 A new family is its module under models/ (the module and a Family subclass), one entry in
-`FAMILIES` (or `register(family)` at run time, as tests do) and its configs. `ClipTowerFamily`
+`FAMILIES` (or `register(family)` at run time, as tests do) and its configs; a data set with
+other image features (e.g. precomputed regions) needs its TFDS builder too, and its ImageSpec
+says which features the pipeline reads. `ClipTowerFamily`
 holds what every family on the CLIP towers shares (tokenizer, init batch, CLIP checkpoint loading,
 context length check).
 """
@@ -89,6 +93,42 @@ CLIP_TEXT = TextSpec("clip_bpe", _clip_tokenizer, _clip_pad_caption, None)
 CLIP_TEXT_MLM = dataclasses.replace(CLIP_TEXT, mlm_mask=_clip_mlm_mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """How a data set example's image side becomes encoder inputs (data_pipelines.input_pipeline).
+
+    name: names the scheme in messages.
+    features: the example features it reads (e.g. ("image",): the encoded image; a region-feature
+      data set would name its feature arrays). "image" reaches the functions undecoded.
+    train: ({feature: tf tensor}, size (H, W), seeds int64 [5, 2] (the sample's stateless seeds;
+      seeds[3] is the MLM masker's), augment, flip) -> {batch field: tf tensor}.
+    eval: ({feature: tf tensor}, size) -> {batch field: tf tensor} (deterministic).
+    The batch fields are what `image_inputs` names for the family's encode_image.
+    """
+
+    name: str
+    features: tuple[str, ...]
+    train: Callable
+    eval: Callable
+
+
+def _rgb_train(features, size, seeds, augment, flip):
+    from data_pipelines import preprocess
+
+    return {"images": preprocess.train_image(features["image"], size, seeds, augment=augment, flip=flip)}
+
+
+def _rgb_eval(features, size):
+    from data_pipelines import preprocess
+
+    return {"images": preprocess.eval_image(features["image"], size)}
+
+
+# RGB pixels: decode, IRRA's train transform (flip / pad-crop / erasing per config.data) or the
+# test resize, CLIP normalization -> images float32 [H, W, 3].
+RGB_IMAGES = ImageSpec("rgb", ("image",), _rgb_train, _rgb_eval)
+
+
 class Family:
     """Base class of a model family; see the module docstring for each member."""
 
@@ -111,6 +151,9 @@ class Family:
         raise NotImplementedError
 
     def text(self, config) -> TextSpec:
+        raise NotImplementedError
+
+    def images(self, config) -> ImageSpec:
         raise NotImplementedError
 
     def pretrained(self, model, config) -> dict | None:
@@ -189,6 +232,9 @@ class ClipTowerFamily(Family):
 
     def text(self, config) -> TextSpec:
         return CLIP_TEXT
+
+    def images(self, config) -> ImageSpec:
+        return RGB_IMAGES
 
 
 # name -> "module:attribute" of a Family instance, imported on first use (no import cycles, and
