@@ -113,6 +113,8 @@ def test_store_search_equals_in_memory_search(gallery, k, rerank_k, monkeypatch)
     c = S.search(store, enc, None, QUERIES, k=k, rerank_k=rerank_k, recall_target=0.95)
     d = S.search(memory, enc, None, QUERIES, k=k, rerank_k=rerank_k)
     np.testing.assert_array_equal(c.indices, d.indices)
+    e = S.search(memory, enc, None, QUERIES, k=k, rerank_k=rerank_k, recall_target=0.95)  # .npz too
+    np.testing.assert_array_equal(e.indices, d.indices)
 
 
 def test_interrupted_index_resumes_from_the_last_complete_chunk(gallery, tmp_path, capsys):

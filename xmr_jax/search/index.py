@@ -37,7 +37,7 @@ import numpy as np
 
 from xmr_jax.search.encoders import Encoders, as_encoders
 from xmr_jax.search.errors import IndexMismatchError, SearchError
-from xmr_jax.search.store import INDEX_FORMAT, STORE_VERSION, IndexStore, IndexWriter, is_store
+from xmr_jax.search.store import INDEX_FORMAT, IndexStore, IndexWriter, is_store
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 INDEX_VERSION = 1  # the .npz format; index folders are format STORE_VERSION (2)
