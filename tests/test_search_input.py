@@ -76,6 +76,16 @@ def test_index_grid_and_ground_truth_on_gcs(small, tmp_path, monkeypatch, capsys
                        "--text", "a red coat", "--k", "2", "--ground_truth", "gs://bucket/gt.json",
                        "--grid", "gs://bucket/out/grid.png"]) == 0
         assert (tmp_path / "gcs" / "bucket" / "out" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+        # The CLI writes an index folder to gs:// and queries it (tokens by ranged reads).
+        ckpt, images = str(small["root"] / "ckpt"), str(small["root"] / "images")
+        assert S.main(["index", "--checkpoint", ckpt, "--images", images, "--index", "gs://bucket/gal",
+                       "--chunk_size", "3", "--no_progress"]) == 0
+        assert (tmp_path / "gcs" / "bucket" / "gal" / "chunks" / "000001" / "DONE").is_file()
+        capsys.readouterr()
+        assert S.main(["query", "--index", "gs://bucket/gal", "--text", "a red coat", "--k", "3"]) == 0
+        remote_out = capsys.readouterr().out
+        assert S.main([*small["args"], "--text", "a red coat", "--k", "3"]) == 0
+        assert capsys.readouterr().out.replace("gs://bucket/gal", "") == remote_out.replace("gs://bucket/gal", "")
         assert not (tmp_path / "gs:").exists()
     finally:
         fake_gcs.unregister()
