@@ -7,10 +7,12 @@ Synthetic batches (no TensorFlow needed, so it also runs on the GPU machines): 3
 15% of the words masked. The PyTorch side is transformers' CLIPModel towers with IRRA's heads and
 losses (benchmarks/torch_irra.py), same sizes, same Adam (eps 1e-3, L2 4e-5), computing the
 49408-way MLM output at every position as IRRA does; on a GPU in the same precision (bfloat16 =
-torch autocast), on CPU always in float32 (torch's fastest CPU path). The xmr_jax side runs the configs as shipped: the MLM output only at masked positions
-(exact, `model.mlm_chunk`) and the unmasked captions' text pass on the shortest length bucket
-(`model.text_length_buckets`). Prints the median step time of each side, their ratio and the load
-average; on a GPU also the MFU of the compiled step from XLA's FLOP count (cost_analysis) against
+torch autocast), on CPU always in float32 (torch's fastest CPU path). The xmr_jax side runs the
+configs as shipped: the MLM output only at masked positions (exact, `model.mlm_chunk`) and the
+unmasked captions' text pass on the shortest length bucket (`model.text_length_buckets`). The two
+sides are timed step by step in alternation, so a load change on a shared machine hits both
+alike; prints the median step time of each side, their ratio and the load average; on a GPU also
+the MFU of the compiled step from XLA's FLOP count (cost_analysis) against
 the chip's peak bf16 FLOP/s (--peak_tflops).
 """
 
@@ -88,15 +90,20 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def _median_step_seconds(run_step, sync, steps: int, warmup: int) -> float:
+def _interleaved_medians(runners, steps: int, warmup: int) -> list[float]:
+    """Median wall seconds per call of each `run()` in `runners`, timed in alternation (one call of
+    each per round), so that a load change on a shared machine hits every side alike. Each run()
+    blocks until its step is done."""
     for _ in range(warmup):
-        sync(run_step())
-    times = []
+        for run in runners:
+            run()
+    times = [[] for _ in runners]
     for _ in range(steps):
-        t0 = time.perf_counter()
-        sync(run_step())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for run, ts in zip(runners, times):
+            t0 = time.perf_counter()
+            run()
+            ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) for ts in times]
 
 
 def compile_step(config, batch):
@@ -136,22 +143,22 @@ def executed_flops(config, batch) -> float | None:
         return None
 
 
-def time_jax(config, batch, steps: int, warmup: int):
-    """(median s/step, executed XLA FLOPs per step, last loss) of the compiled, donated train step."""
+def jax_runner(config, batch):
+    """(run: one blocking call of the compiled, donated train step; executed XLA FLOPs per step;
+    loss(): the last step's loss)."""
     flops = executed_flops(config, batch)
     compiled, state, batch = compile_step(config, batch)
     holder = {"state": state}
 
-    def run_step():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        return metrics
+    def run():
+        holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+        jax.block_until_ready(holder["metrics"])
 
-    seconds = _median_step_seconds(run_step, jax.block_until_ready, steps, warmup)
-    metrics = run_step()
-    return seconds, flops, float(metrics["loss"])
+    return run, flops, lambda: float(holder["metrics"]["loss"])
 
 
-def time_torch(config, batch, steps: int, warmup: int, precision: str):
+def torch_runner(config, batch, precision: str):
+    """(run: one blocking IRRA train step in torch; loss(): the last step's loss)."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -185,23 +192,24 @@ def time_torch(config, batch, steps: int, warmup: int, precision: str):
     # 13x slower than its float32 (97 s vs 7.2 s per tiny step), so float32 is its best time.
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16" and device == "cuda")
 
-    def step():
+    holder = {}
+
+    def run():
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss, _ = irra_loss(model(images, ids, mlm_ids), pids, labels)
-        loss.backward()
+            holder["loss"], _ = irra_loss(model(images, ids, mlm_ids), pids, labels)
+        holder["loss"].backward()
         opt.step()
-        return loss
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
-    seconds = _median_step_seconds(step, sync, steps, warmup)
-    return seconds, float(step().detach())
+    return run, lambda: float(holder["loss"].detach())
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="tiny,vitb16")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side, xmr_jax and torch alternating (the medians are reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precisions", default=None,
                         help="comma list of float32,bfloat16 (default: bfloat16 on GPU, both on CPU)")
@@ -220,14 +228,19 @@ def main():
         for precision in precisions:
             config = case_config(name, precision)
             batch = synthetic_batch(config, np.random.default_rng(0))
-            s_jax, flops, loss_jax = time_jax(config, batch, args.steps, args.warmup)
-            s_torch = loss_torch = None
+            run_jax, flops, loss_jax = jax_runner(config, batch)
+            runners, s_torch, loss_torch = [run_jax], None, None
             if not args.no_torch:
-                s_torch, loss_torch = time_torch(config, batch, args.steps, args.warmup, precision)
+                run_torch, loss_torch = torch_runner(config, batch, precision)
+                runners.append(run_torch)
+            seconds = _interleaved_medians(runners, args.steps, args.warmup)
+            s_jax, loss_jax = seconds[0], loss_jax()
+            if not args.no_torch:
+                s_torch, loss_torch = seconds[1], loss_torch()
             mfu = (flops / s_jax / (args.peak_tflops * 1e12)) if (on_gpu and flops) else None
             rows.append((name, precision, config.batch_size, s_jax, s_torch, flops, mfu))
             print(f"# {name} {precision}: xmr_jax {s_jax:.4f} s/step (loss {loss_jax:.3f}), torch "
-                  f"{s_torch if s_torch is None else round(s_torch, 4)} s/step (loss {loss_torch}); "
+                  f"{s_torch if s_torch is None else round(s_torch, 4)} s/step (loss {loss_torch}); steps interleaved; "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
     print("\n| case | precision | batch | xmr_jax s/step | img/s | PyTorch s/step | img/s | PyTorch/xmr_jax | GFLOP/step (XLA) | MFU |")
     print("|---|---|---|---|---|---|---|---|---|---|")
