@@ -65,7 +65,7 @@ def test_train_and_eval_writes_everything(trained):
     assert (workdir / "checkpoints" / "12").is_dir()
 
 
-def _reference_eval(config, workdir) -> dict:
+def _reference_eval(config, workdir, steps: int = 12) -> dict:
     import jax
 
     from data_pipelines import input_pipeline
@@ -75,7 +75,7 @@ def _reference_eval(config, workdir) -> dict:
 
     model = get_family(config.model_family).build(config)
     params, step = checkpoints.load_params(str(workdir / "checkpoints"), host=True)
-    assert step == 12
+    assert step == steps
     name, data_dir = f"{config.data.name}/{config.data.config_name}", config.data.data_dir
 
     def encode(batches, key, method):
@@ -115,6 +115,30 @@ def test_eval_from_checkpoint_equals_eval_after_training_and_keeps_training_file
     assert report["R1"] == pytest.approx(result["R1"])
     on_train = json.load(open(workdir / "train_eval_checkpoint_metrics.json"))
     assert on_train["mAP"] == pytest.approx(results["train_split"]["mAP"], abs=1e-6)
+
+
+def test_a_new_family_runs_through_the_main_job(trained, tmp_path):
+    """A family registered at run time (tests/train_fixtures.ToyFamily: no CLIP, its own loss)
+    goes through the unchanged main job: data with its text and image schemes, training, the
+    evaluator it names; its metrics equal the recomputation from its saved checkpoint."""
+    from tests.train_fixtures import TOY_WIDTH, ToyFamily
+    from xmr_jax.models import families
+
+    families.register(ToyFamily())
+    try:
+        config = demo_config(trained[0].data.data_dir)
+        config.model_family, config.loss_names = "toy", "the toy's own"
+        config.model.toy_width, config.model.toy_scale = TOY_WIDTH, 3.0
+        config.num_epochs, config.eval_every_epochs = 1, 0
+        workdir = tmp_path / "toy"
+        result = run_experiment(config, str(workdir), "train_and_eval")["eval"]
+        assert (result["num_gallery"], result["num_queries"]) == (12, 24)
+        logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+        assert [r["step"] for r in logged if r["split"] == "train" and "toy_loss" in r] == [2, 4, 6]
+        assert _reference_eval(config, workdir, steps=6) == pytest.approx(
+            {k: result[k] for k in ("R1", "R5", "R10", "mAP", "mINP")}, abs=1e-6)
+    finally:
+        families.unregister("toy")
 
 
 def test_eval_checks_the_checkpoint_before_writing(tmp_path, capsys):

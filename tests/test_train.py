@@ -10,14 +10,12 @@ import json
 import os
 import signal
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from tests.train_fixtures import CONTEXT, flat_params, iterator_from, tiny_config
+from tests.train_fixtures import (CONTEXT, TOY_KERNEL, TOY_WIDTH, ToyFamily, ToyModel, batch_for_step, flat_params,
+                                  iterator_from, tiny_config)
 from xmr_jax import checkpoints, train
 from xmr_jax.models import families
 
@@ -145,8 +143,6 @@ def test_nonfinite_step_keeps_params_and_optimizer_state():
     from xmr_jax import optim
     from xmr_jax.models.families import get_family
 
-    from tests.train_fixtures import batch_for_step
-
     config = tiny_config()
     config.optim.eps = 1e-3  # as the other exactness tests: no blow-up of near-zero gradients
     family = get_family(config.model_family)
@@ -257,70 +253,6 @@ def test_missing_init_checkpoint_names_the_field(tmp_path):
 # The model-family seam: a family the library has never seen, registered here
 # ----------------------------------------------------------------------------------------------
 
-TOY_WIDTH = 8
-TOY_KERNEL = 0.01  # the toy "init checkpoint": every image_proj kernel entry
-
-
-class ToyModel(nn.Module):
-    """Images flattened -> Dense; text ids -> Embed (mod 64) -> mean -> Dense; no CLIP anywhere."""
-
-    width: int
-
-    def setup(self):
-        self.image_proj = nn.Dense(self.width)
-        self.text_embed = nn.Embed(64, self.width)
-        self.text_proj = nn.Dense(self.width)
-
-    def encode_image(self, images):
-        """images [B,H,W,3] -> (global [B,W], tokens [B,1,W], mask [B,1])."""
-        g = self.image_proj(images.reshape(images.shape[0], -1))
-        return g, g[:, None], jnp.ones(g.shape[:1] + (1,), bool)
-
-    def encode_text(self, text_ids):
-        """text_ids [B,T] -> (global [B,W], tokens [B,T,W], mask [B,T])."""
-        tokens = self.text_proj(self.text_embed(text_ids % 64))
-        return tokens.mean(axis=1), tokens, text_ids > 0
-
-    def __call__(self, batch):
-        return {"image": self.encode_image(batch["images"])[0], "text": self.encode_text(batch["text_ids"])[0]}
-
-
-class ToyFamily(families.Family):
-    name = "toy"
-    evaluator = "person"
-
-    def validate(self, config):
-        if config.model.get("toy_width", 0) <= 0:
-            raise ValueError(f"config.model.toy_width={config.model.get('toy_width')!r}: expected > 0")
-
-    def build(self, config):
-        return ToyModel(width=config.model.toy_width)
-
-    def init_batch(self, config):
-        h, w = config.data.image_size
-        return {"images": jnp.zeros((1, h, w, 3)), "text_ids": jnp.zeros((1, CONTEXT), jnp.int32)}
-
-    def loss_fn(self, config):
-        scale = float(config.model.toy_scale)
-
-        def loss(outputs, batch):
-            logits = scale * outputs["image"] @ outputs["text"].T            # [B, B]
-            value = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(logits.shape[0])).mean()
-            return value, {"toy_loss": value}
-
-        return loss
-
-    def text(self, config):
-        return families.CLIP_TEXT
-
-    def pretrained(self, model, config):
-        if not config.model.get("toy_init"):
-            return None
-        h, w = config.data.image_size
-        return {"image_proj": {"kernel": np.full((h * w * 3, config.model.toy_width), TOY_KERNEL, np.float32),
-                               "bias": np.zeros((config.model.toy_width,), np.float32)}}
-
-
 @pytest.fixture
 def toy_config():
     families.register(ToyFamily())
@@ -334,7 +266,6 @@ def toy_config():
 
 
 def test_a_new_family_trains_and_evaluates_through_the_unchanged_trainer(toy_config, tmp_path):
-    from tests.train_fixtures import CONTEXT as context, batch_for_step
     from xmr_jax import evaluate, optim, parallel
 
     config = toy_config
@@ -370,7 +301,7 @@ def test_a_new_family_trains_and_evaluates_through_the_unchanged_trainer(toy_con
     ids = np.arange(8, dtype=np.int32)
     images = np.zeros((8, 16, 16, 3), np.float32)
     images.reshape(8, -1)[ids, ids] = 1.0
-    text_ids = np.zeros((8, context), np.int32)
+    text_ids = np.zeros((8, CONTEXT), np.int32)
     text_ids[:, 0] = perm + 1
     embed = np.zeros((64, TOY_WIDTH), np.float32)
     embed[ids + 1, ids] = 1.0

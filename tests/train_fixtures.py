@@ -1,4 +1,5 @@
-"""Shared pieces of the trainer tests: a tiny IRRA config and deterministic synthetic batches.
+"""Shared pieces of the trainer tests: a tiny IRRA config, deterministic synthetic batches, a
+query-by-query reference for person-retrieval metrics and a toy model family.
 
 Used by tests/test_train.py, tests/test_fsdp.py and the multi-process driver
 tests/multihost_driver.py (which imports it outside pytest), so it must not import pytest or set
@@ -7,10 +8,14 @@ any environment variables.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from configs import demo
+from xmr_jax.models import families
 
 CONTEXT = 16
 NUM_CLASSES = 6
@@ -107,3 +112,79 @@ def reference_person_metrics(similarity, query_pids, gallery_pids) -> dict:
         out["mAP"] += 100.0 * precision_sum / found
         out["mINP"] += 100.0 * found / last
     return {k: v / len(similarity) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# A model family the library has never seen (tests/test_train.py, tests/test_main.py)
+# ----------------------------------------------------------------------------------------------
+
+TOY_WIDTH = 8
+TOY_KERNEL = 0.01  # the toy "init checkpoint": every image_proj kernel entry
+
+
+class ToyModel(nn.Module):
+    """Images flattened -> Dense; text ids -> Embed (mod 64) -> mean -> Dense; no CLIP anywhere."""
+
+    width: int
+
+    def setup(self):
+        self.image_proj = nn.Dense(self.width)
+        self.text_embed = nn.Embed(64, self.width)
+        self.text_proj = nn.Dense(self.width)
+
+    def encode_image(self, images):
+        """images [B,H,W,3] -> (global [B,W], tokens [B,1,W], mask [B,1])."""
+        g = self.image_proj(images.reshape(images.shape[0], -1))
+        return g, g[:, None], jnp.ones(g.shape[:1] + (1,), bool)
+
+    def encode_text(self, text_ids):
+        """text_ids [B,T] -> (global [B,W], tokens [B,T,W], mask [B,T])."""
+        tokens = self.text_proj(self.text_embed(text_ids % 64))
+        return tokens.mean(axis=1), tokens, text_ids > 0
+
+    def __call__(self, batch):
+        return {"image": self.encode_image(batch["images"])[0], "text": self.encode_text(batch["text_ids"])[0]}
+
+
+class ToyFamily(families.Family):
+    """A model family the library does not know (register it with families.register): the toy
+    model, a softmax contrastive loss, person-retrieval evaluation, CLIP text, RGB images, and a
+    pretrained hook that sets image_proj when config.model.toy_init is true."""
+
+    name = "toy"
+    evaluator = "person"
+
+    def validate(self, config):
+        if config.model.get("toy_width", 0) <= 0:
+            raise ValueError(f"config.model.toy_width={config.model.get('toy_width')!r}: expected > 0")
+
+    def build(self, config):
+        return ToyModel(width=config.model.toy_width)
+
+    def init_batch(self, config):
+        h, w = config.data.image_size
+        t = config.data.get("context_length", CONTEXT)
+        return {"images": jnp.zeros((1, h, w, 3)), "text_ids": jnp.zeros((1, t), jnp.int32)}
+
+    def loss_fn(self, config):
+        scale = float(config.model.toy_scale)
+
+        def loss(outputs, batch):
+            logits = scale * outputs["image"] @ outputs["text"].T            # [B, B]
+            value = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(logits.shape[0])).mean()
+            return value, {"toy_loss": value}
+
+        return loss
+
+    def text(self, config):
+        return families.CLIP_TEXT
+
+    def images(self, config):
+        return families.RGB_IMAGES
+
+    def pretrained(self, model, config):
+        if not config.model.get("toy_init"):
+            return None
+        h, w = config.data.image_size
+        return {"image_proj": {"kernel": np.full((h * w * 3, config.model.toy_width), TOY_KERNEL, np.float32),
+                               "bias": np.zeros((config.model.toy_width,), np.float32)}}
