@@ -157,6 +157,17 @@ def test_eval_checks_the_checkpoint_before_writing(tmp_path, capsys):
     assert len(err) == 1 and f"--checkpoint={random_file}: not a checkpoint" in err[0], err
     assert "weights_only" not in err[0]
     assert not (tmp_path / "out").exists()
+    # A family without a checkpoint import says so before anything is built or written.
+    from configs import common
+
+    config.model_family, config.loss_names, config.tgdt = "tgdt", "cmc", common.tgdt_defaults("image_id")
+    zip_file = tmp_path / "model_best_rsum.pth.tar"
+    zip_file.write_bytes(b"PK\x03\x04" + os.urandom(60))
+    assert main_lib.run_main(config, str(tmp_path / "out2"), "eval", checkpoint=str(zip_file)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --checkpoint={zip_file}: config.model_family='tgdt' imports no checkpoint files; give a "
+                   "training workdir, its checkpoints folder or one <step> folder"], err
+    assert os.listdir(tmp_path / "out2") == []  # checked for writing only; no data built, nothing written
 
 
 def test_main_job_on_a_gcs_workdir(tmp_path, monkeypatch):
