@@ -209,7 +209,7 @@ def test_presets_and_config_errors():
         embed_dim=768, image_size=(224, 224), patch_size=14, vision_width=1024, vision_layers=24,
         vision_heads=16, context_length=77, vocab_size=49408, text_width=768, text_layers=12, text_heads=12)
     assert CLIP_PRESETS["ViT-B/32"]["patch_size"] == 32
-    assert set(CLIP_PRESETS) == {"ViT-B/16", "ViT-B/32", "ViT-L/14", "tiny"}
+    assert set(CLIP_PRESETS) == {"ViT-B/16", "ViT-B/32", "ViT-L/14", "ViT-B-16", "ViT-L-14", "tiny"}
     with pytest.raises(ValueError, match="unknown preset"):
         clip_from_config({"preset": "ViT-H/14"})
     with pytest.raises(ValueError, match="vision_widht"):
@@ -352,3 +352,62 @@ def test_configure_cpu_runtime_stops_page_faults_per_step():
     assert off > 50000, off                  # 2 x 128 MB of fresh 4 KiB pages per call
     assert reexec < off / 2, (reexec, off)   # mostly reused heap pages
     faults("mallopt")                        # the fallback path runs
+
+
+# ---------------------------------------------------------------- MLP activation (QuickGELU / exact GELU)
+
+def test_gelu_is_exact_erf_gelu():
+    import math
+
+    x = np.array([-3.0, -1.0, -0.25, 0.0, 0.5, 2.0], np.float32)
+    want = np.array([v * 0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x], np.float32)
+    np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), want, rtol=1e-6, atol=1e-7)
+    assert layers.activation_fn("quick_gelu") is quick_gelu and layers.activation_fn("gelu") is layers.gelu
+    with pytest.raises(ValueError, match=r"activation: expected one of \('quick_gelu', 'gelu'\), got 'relu'"):
+        layers.activation_fn("relu")
+
+
+def test_mlp_activation_same_params_different_function():
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 16)), jnp.float32)
+    quick = layers.Mlp()
+    exact = layers.Mlp(activation="gelu")
+    params = quick.init(jax.random.key(0), x)["params"]
+    assert jax.tree.map(jnp.shape, exact.init(jax.random.key(0), x)["params"]) == jax.tree.map(jnp.shape, params)
+    h = np.asarray(x) @ np.asarray(params["c_fc"]["kernel"]) + np.asarray(params["c_fc"]["bias"])
+    for mod, act in ((quick, quick_gelu), (exact, layers.gelu)):
+        want = np.asarray(act(jnp.asarray(h))) @ np.asarray(params["c_proj"]["kernel"]) + np.asarray(
+            params["c_proj"]["bias"])
+        np.testing.assert_allclose(mod.apply({"params": params}, x), want, atol=1e-5)
+    assert np.abs(quick.apply({"params": params}, x) - exact.apply({"params": params}, x)).max() > 1e-3
+
+
+def test_clip_activation_threads_through_both_towers(tiny):
+    model, params, images, ids = tiny
+    assert model.activation == "quick_gelu"
+    gelu_model = model.clone(activation="gelu")
+    assert jax.tree.map(lambda s: s.shape, clip_param_shapes(gelu_model)) == jax.tree.map(
+        lambda s: s.shape, clip_param_shapes(model))
+    (ig, _, _), (tg, _, _) = run(model, params, images, ids)
+    (gg, _, _), (gt, _, _) = run(gelu_model, params, images, ids)
+    assert np.abs(ig - gg).max() > 1e-4 and np.abs(tg - gt).max() > 1e-4   # both towers changed
+    # the text tower alone with gelu is the gelu CLIP's text tower
+    from xmr_jax.models.text import TextTransformer
+
+    f = gelu_model.fields()
+    text = TextTransformer(context_length=77, vocab_size=49408, width=f["text_width"], layers=f["text_layers"],
+                           heads=f["text_heads"], output_dim=f["embed_dim"], activation="gelu")
+    np.testing.assert_allclose(jax.jit(text.apply)({"params": params["text"]}, ids)[0], gt, atol=1e-6)
+
+
+def test_open_clip_presets_and_activation_errors():
+    b16, ob16 = clip_from_config({"preset": "ViT-B/16"}), clip_from_config({"preset": "ViT-B-16"})
+    assert b16.activation == "quick_gelu" and ob16.activation == "gelu"
+    assert {k: v for k, v in ob16.fields().items() if k != "activation"} == {
+        k: v for k, v in b16.fields().items() if k != "activation"}
+    ol14 = clip_from_config({"preset": "ViT-L-14"})
+    assert ol14.activation == "gelu" and ol14.vision_width == 1024 and ol14.patch_size == 14
+    assert clip_from_config({"preset": "ViT-B-16", "activation": "quick_gelu"}).activation == "quick_gelu"
+    with pytest.raises(ValueError, match="clip config: activation: expected one of"):
+        clip_from_config({"preset": "tiny", "activation": "swish"})
+    with pytest.raises(ValueError, match="activation"):
+        clip_param_shapes(clip_from_config({"preset": "tiny"}).clone(activation="gelu_new"))

@@ -7,6 +7,10 @@
 
 Global features are not normalized; all outputs are float32. No logit scale lives here: the losses
 take it as an argument.
+
+`activation` is the MLP activation of both towers: "quick_gelu" (OpenAI's CLIPs, presets "ViT-B/16",
+"ViT-B/32", "ViT-L/14") or "gelu" (exact erf GELU: open_clip's LAION / DataComp CLIPs, presets
+"ViT-B-16" and "ViT-L-14" as open_clip names them; same shapes as OpenAI's B/16 and L/14).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xmr_jax.models.layers import activation_fn
 from xmr_jax.models.text import TextTransformer
 from xmr_jax.models.vit import VisionTransformer, as_hw
 
@@ -24,17 +29,22 @@ Dtype = Any
 
 CLIP_FIELDS = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
                "context_length", "vocab_size", "text_width", "text_layers", "text_heads", "dtype", "remat",
-               "scan_layers")
+               "scan_layers", "activation")
 
 _B_TEXT = dict(context_length=77, vocab_size=49408, text_width=512, text_layers=12, text_heads=8)
+_B16 = dict(embed_dim=512, image_size=(224, 224), patch_size=16, vision_width=768, vision_layers=12,
+            vision_heads=12, **_B_TEXT)
+_L14 = dict(embed_dim=768, image_size=(224, 224), patch_size=14, vision_width=1024, vision_layers=24,
+            vision_heads=16, context_length=77, vocab_size=49408, text_width=768, text_layers=12, text_heads=12)
 CLIP_PRESETS: dict[str, dict] = {
-    "ViT-B/16": dict(embed_dim=512, image_size=(224, 224), patch_size=16, vision_width=768,
-                     vision_layers=12, vision_heads=12, **_B_TEXT),
+    # OpenAI's CLIPs (QuickGELU, the CLIP default)
+    "ViT-B/16": dict(_B16),
     "ViT-B/32": dict(embed_dim=512, image_size=(224, 224), patch_size=32, vision_width=768,
                      vision_layers=12, vision_heads=12, **_B_TEXT),
-    "ViT-L/14": dict(embed_dim=768, image_size=(224, 224), patch_size=14, vision_width=1024,
-                     vision_layers=24, vision_heads=16, context_length=77, vocab_size=49408,
-                     text_width=768, text_layers=12, text_heads=12),
+    "ViT-L/14": dict(_L14),
+    # open_clip's architectures of the same names (nn.GELU), e.g. its laion2b / DataComp weights
+    "ViT-B-16": dict(_B16, activation="gelu"),
+    "ViT-L-14": dict(_L14, activation="gelu"),
     "tiny": dict(embed_dim=32, image_size=(32, 32), patch_size=8, vision_width=64, vision_layers=2,
                  vision_heads=4, context_length=77, vocab_size=49408, text_width=64, text_layers=2,
                  text_heads=4),
@@ -70,17 +80,19 @@ class CLIP(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    activation: str = "quick_gelu"   # MLP activation of both towers: "quick_gelu" | "gelu"
 
     def setup(self):
         dtype = parse_dtype(self.dtype)
+        activation_fn(self.activation)
         self.visual = VisionTransformer(
             image_size=as_hw(self.image_size), patch_size=self.patch_size, width=self.vision_width,
             layers=self.vision_layers, heads=self.vision_heads, output_dim=self.embed_dim, dtype=dtype,
-            remat=self.remat, scan_layers=self.scan_layers)
+            remat=self.remat, scan_layers=self.scan_layers, activation=self.activation)
         self.text = TextTransformer(
             context_length=self.context_length, vocab_size=self.vocab_size, width=self.text_width,
             layers=self.text_layers, heads=self.text_heads, output_dim=self.embed_dim, dtype=dtype,
-            remat=self.remat, scan_layers=self.scan_layers)
+            remat=self.remat, scan_layers=self.scan_layers, activation=self.activation)
 
     def encode_image(self, images):
         """images [B, H, W, 3] -> (global [B, D], tokens [B, 1+gh*gw, D], mask [B, 1+gh*gw] bool)."""
@@ -137,4 +149,9 @@ def clip_from_config(cfg: Mapping) -> CLIP:
     fields["image_size"] = as_hw(fields["image_size"])
     if "dtype" in fields:
         fields["dtype"] = parse_dtype(fields["dtype"])
+    if "activation" in fields:
+        try:
+            activation_fn(fields["activation"])
+        except ValueError as e:
+            raise ValueError(f"clip config: {e}") from None
     return CLIP(**fields)

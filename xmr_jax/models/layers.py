@@ -44,6 +44,24 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU `x * Phi(x)` (erf form), as torch `nn.GELU()` and Hugging Face's "gelu"."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def activation_fn(name: str):
+    """The MLP activation called `name`: "quick_gelu" (OpenAI CLIP) or "gelu" (exact; open_clip /
+    LAION / DataComp CLIPs). Raises ValueError naming `activation` otherwise."""
+    if name == "quick_gelu":
+        return quick_gelu
+    if name == "gelu":
+        return gelu
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
+
+
 class QuickGELU(nn.Module):
     """Module wrapper around :func:`quick_gelu`."""
 
@@ -217,23 +235,27 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Position-wise MLP: `c_fc` (C -> ratio*C), QuickGELU, `c_proj` (ratio*C -> C).
+    """Position-wise MLP: `c_fc` (C -> ratio*C), activation, `c_proj` (ratio*C -> C).
 
     x [..., C] -> [..., C]. fc_std None -> (2C)^-0.5, proj_std None -> C^-0.5.
+    activation: "quick_gelu" (OpenAI CLIP, the default) or "gelu" (exact erf GELU), see
+    :func:`activation_fn`; it has no parameters, so both give the same param tree.
     """
 
     dtype: Dtype = jnp.float32
     mlp_ratio: int = 4
     fc_std: Optional[float] = None
     proj_std: Optional[float] = None
+    activation: str = "quick_gelu"
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
         fc_std = self.fc_std if self.fc_std is not None else (2 * width) ** -0.5
         proj_std = self.proj_std if self.proj_std is not None else width ** -0.5
+        act = activation_fn(self.activation)
         h = _dense(self.mlp_ratio * width, fc_std, self.dtype, "c_fc")(x)
-        h = quick_gelu(h)
+        h = act(h)
         return _dense(width, proj_std, self.dtype, "c_proj")(h)
 
 
@@ -242,7 +264,7 @@ class ResidualBlock(nn.Module):
 
     attn_std / out_std / fc_std: see module docstring (None -> L = 1 OpenAI values).
     `mask` (optional, bool broadcastable to [B,N,T,T]) is passed to the attention.
-    attention_impl: see :class:`MultiHeadAttention`.
+    attention_impl: see :class:`MultiHeadAttention`. activation: the MLP's, see :class:`Mlp`.
     """
 
     width: int
@@ -253,6 +275,7 @@ class ResidualBlock(nn.Module):
     out_std: Optional[float] = None
     fc_std: Optional[float] = None
     attention_impl: Optional[str] = None
+    activation: str = "quick_gelu"
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -268,7 +291,7 @@ class ResidualBlock(nn.Module):
             h, causal=self.causal, mask=mask)
         x = x + h
         h = LayerNorm(dtype=self.dtype, name="ln_2")(x)
-        h = Mlp(self.dtype, fc_std=fc_std, proj_std=out_std, name="mlp")(h)
+        h = Mlp(self.dtype, fc_std=fc_std, proj_std=out_std, activation=self.activation, name="mlp")(h)
         return x + h
 
 
@@ -283,7 +306,7 @@ class Transformer(nn.Module):
     carry a leading [layers] axis (see :func:`stack_resblocks` / :func:`unstack_resblocks`).
     remat=True recomputes each block's activations in the backward pass (nn.remat).
     Init stds default to OpenAI's values for (width, layers), see module docstring.
-    attention_impl: see :class:`MultiHeadAttention`.
+    attention_impl: see :class:`MultiHeadAttention`. activation: the MLPs', see :class:`Mlp`.
     """
 
     width: int
@@ -297,9 +320,11 @@ class Transformer(nn.Module):
     out_std: Optional[float] = None
     fc_std: Optional[float] = None
     attention_impl: Optional[str] = None
+    activation: str = "quick_gelu"
 
     @nn.compact
     def __call__(self, x, mask=None):
+        activation_fn(self.activation)  # an unknown name fails here, before any block is traced
         attn_std, out_std, fc_std = default_stds(self.width, self.layers)
         kwargs = dict(
             width=self.width,
@@ -310,6 +335,7 @@ class Transformer(nn.Module):
             out_std=self.out_std if self.out_std is not None else out_std,
             fc_std=self.fc_std if self.fc_std is not None else fc_std,
             attention_impl=self.attention_impl,
+            activation=self.activation,
         )
         block_cls = ResidualBlock
         if self.remat:

@@ -41,6 +41,7 @@ class TextTransformer(nn.Module):
     remat: bool = False
     scan_layers: bool = False
     attention_impl: Optional[str] = None   # see layers.attention_implementation
+    activation: str = "quick_gelu"          # MLP activation: "quick_gelu" (OpenAI) | "gelu" (open_clip)
 
     @nn.compact
     def __call__(self, token_ids: jax.Array):
@@ -55,7 +56,7 @@ class TextTransformer(nn.Module):
         x = x + pos[:t].astype(self.dtype)
         x = Transformer(self.width, self.layers, self.heads, causal=True, dtype=self.dtype,
                         remat=self.remat, scan_layers=self.scan_layers, attention_impl=self.attention_impl,
-                        name="transformer")(x)
+                        activation=self.activation, name="transformer")(x)
         x = LayerNorm(dtype=self.dtype, name="ln_final")(x)
         proj = self.param("text_projection", nn.initializers.normal(self.width ** -0.5),
                           (self.width, self.output_dim), jnp.float32)

@@ -78,6 +78,7 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     scan_layers: bool = False
     attention_impl: Optional[str] = None   # see layers.attention_implementation
+    activation: str = "quick_gelu"          # MLP activation: "quick_gelu" (OpenAI) | "gelu" (open_clip)
 
     @nn.compact
     def __call__(self, images: jax.Array):
@@ -98,7 +99,7 @@ class VisionTransformer(nn.Module):
         x = LayerNorm(dtype=self.dtype, name="ln_pre")(x)
         x = Transformer(self.width, self.layers, self.heads, causal=False, dtype=self.dtype,
                         remat=self.remat, scan_layers=self.scan_layers, attention_impl=self.attention_impl,
-                        name="transformer")(x)
+                        activation=self.activation, name="transformer")(x)
         x = LayerNorm(dtype=self.dtype, name="ln_post")(x)
         proj = self.param("proj", nn.initializers.normal(scale), (self.width, self.output_dim), jnp.float32)
         tokens = jnp.dot(x.reshape(-1, self.width), proj.astype(self.dtype),  # 2-D GEMM (see layers.Dense)
