@@ -1,5 +1,6 @@
 """Checkpoint import/export: parity with transformers.CLIPModel (float32, <= 1e-5), OpenAI key layout,
-positional-embedding resize vs torch, error messages, CLI and formats, HF export round trip."""
+positional-embedding resize vs torch, error messages, CLI and formats, HF export round trip; GELU
+(open_clip / LAION-style) CLIPs as HF folders and as open_clip state dicts."""
 
 import functools
 import json
@@ -15,7 +16,8 @@ pytest.importorskip("transformers")
 
 from tests import torch_reference as ref  # noqa: E402
 from xmr_jax.convert import (CheckpointMismatchError, hf_state_dict_to_params, load_clip,  # noqa: E402
-                             openai_state_dict_to_params, resize_positional_embedding, to_hf_clip)
+                             load_open_clip, open_clip_state_dict_to_params, openai_state_dict_to_params,
+                             resize_positional_embedding, to_hf_clip)
 from xmr_jax.convert.__main__ import main as convert_main  # noqa: E402
 from xmr_jax.models.clip import clip_from_config, clip_param_shapes  # noqa: E402
 
@@ -178,8 +180,12 @@ def test_mismatch_errors_name_key_and_shapes(hf):
     with pytest.raises(ValueError, match=r"'text_projection\.weight'.*expected \(32, 64\), got \(32, 48\)"):
         hf_state_dict_to_params(hsd, hf.config)
     cfg = hf.config.to_dict()
-    cfg["vision_config"]["hidden_act"] = "gelu"
-    with pytest.raises(ValueError, match="hidden_act"):
+    cfg["vision_config"]["hidden_act"] = "gelu_new"
+    with pytest.raises(ValueError, match=r"vision_config\.hidden_act = 'gelu_new': expected one of \('quick_gelu', "
+                                         r"'gelu'\)"):
+        hf_state_dict_to_params(hf.state_dict(), cfg)
+    cfg["vision_config"]["hidden_act"] = "gelu"   # text_config keeps quick_gelu
+    with pytest.raises(ValueError, match="vision_config.hidden_act = 'gelu' but text_config.hidden_act = 'quick_gelu'"):
         hf_state_dict_to_params(hf.state_dict(), cfg)
     with pytest.raises(ValueError, match="unknown model override"):
         openai_state_dict_to_params(sd, vision_head=4)
@@ -240,3 +246,175 @@ def test_to_hf_clip_round_trip(tmp_path, inputs):
     _assert_tree_equal(params2, params)
     with pytest.raises(ValueError, match="square"):
         to_hf_clip(model.clone(image_size=(48, 32)), params, str(tmp_path / "bad"))
+
+
+# ---------------------------------------------------------------- GELU CLIPs (open_clip / LAION / DataComp)
+
+
+def _tiny_gelu_hf_clip(seed: int = 3):
+    """Tiny random transformers.CLIPModel with hidden_act="gelu" (exact) in both towers, every parameter
+    perturbed as in torch_reference.tiny_hf_clip."""
+    from transformers import CLIPModel
+
+    cfg = ref.tiny_hf_config()
+    cfg.vision_config.hidden_act = "gelu"
+    cfg.text_config.hidden_act = "gelu"
+    torch.manual_seed(seed)
+    model = CLIPModel(cfg).float().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "logit_scale":
+                continue
+            if p.ndim == 1:
+                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    assert model.config.vision_config.hidden_act == model.config.text_config.hidden_act == "gelu"
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_gelu():
+    return _tiny_gelu_hf_clip()
+
+
+def _open_clip_state_dict(hf_model) -> dict:
+    """The weights under open_clip's key names: open_clip's CLIP keeps OpenAI's layout (conv1 without
+    bias, packed attn.in_proj_weight [3w, w], text_projection [w, D] matrix), plus the causal
+    `attn_mask` buffer older open_clip versions saved."""
+    sd = ref.hf_to_openai_state_dict(hf_model)
+    ctx = sd["positional_embedding"].shape[0]
+    sd["attn_mask"] = torch.full((ctx, ctx), float("-inf")).triu_(1)
+    return sd
+
+
+def _open_clip_config(**vision):
+    return {"model_cfg": {"embed_dim": 32,
+                          "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                         "head_width": 16, **vision},
+                          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4,
+                                       "layers": 2}},
+            "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073]}}
+
+
+def _assert_matches_torch(model, params, hf_model, images, ids):
+    (ig, itok, _), (tg, ttok, _) = run(model, params, images, ids)
+    rg, rtok = ref.hf_image_features(hf_model, images)
+    assert np.abs(ig - rg).max() <= TOL and np.abs(itok - rtok).max() <= TOL
+    rg, rtok = ref.hf_text_features(hf_model, ids)
+    assert np.abs(tg - rg).max() <= TOL and np.abs(ttok - rtok).max() <= TOL
+
+
+def test_hf_gelu_folder_matches_torch(hf_gelu, inputs, tmp_path):
+    hf_gelu.save_pretrained(str(tmp_path))
+    model, params = load_clip(str(tmp_path))
+    assert model.activation == "gelu" and model.vision_heads == 4
+    images, ids = inputs
+    _assert_matches_torch(model, params, hf_gelu, images, ids)
+    # the activation matters: the same weights through QuickGELU towers are far off
+    (ig, _, _), (tg, _, _) = run(model.clone(activation="quick_gelu"), params, images, ids)
+    rg, _ = ref.hf_image_features(hf_gelu, images)
+    assert np.abs(ig - rg).max() > 1e-3
+    with pytest.raises(ValueError, match="activation='quick_gelu' was asked for but the Hugging Face config's "
+                                         "hidden_act is 'gelu'"):
+        load_clip(str(tmp_path), activation="quick_gelu")
+    assert load_clip(str(tmp_path), activation="gelu")[0] == model
+
+
+def test_open_clip_state_dict_matches_torch(hf_gelu, inputs, tmp_path):
+    images, ids = inputs
+    sd = _open_clip_state_dict(hf_gelu)
+    _, want = hf_state_dict_to_params(hf_gelu.state_dict(), hf_gelu.config)
+    # hub layout: open_clip_config.json next to open_clip_pytorch_model.bin (read with weights_only=True)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    torch.save(sd, str(hub / "open_clip_pytorch_model.bin"))
+    with open(hub / "open_clip_config.json", "w") as fh:
+        json.dump(_open_clip_config(), fh)
+    for path in (hub / "open_clip_pytorch_model.bin", hub):
+        model, params = load_clip(str(path))
+        assert model.activation == "gelu" and (model.vision_heads, model.text_heads) == (4, 4)
+        _assert_tree_equal(params, want)
+        _assert_matches_torch(model, params, hf_gelu, images, ids)
+    # a bare .safetensors with open_clip's names: the activation has to be given
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "laion_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(bare))
+    model, params = load_clip(str(bare), activation="gelu", **HEADS)
+    assert model.activation == "gelu"
+    _assert_matches_torch(model, params, hf_gelu, images, ids)
+    assert load_clip(str(bare), **HEADS)[0].activation == "quick_gelu"   # OpenAI layout: OpenAI's default
+    named = tmp_path / "open_clip_model.safetensors"
+    shutil.copy(bare, named)
+    with pytest.raises(ValueError, match=r"open_clip_model\.safetensors: open_clip weights do not record the MLP "
+                                         r"activation; pass activation='gelu'"):
+        load_clip(str(named))
+    model, params = load_clip(str(named), activation="gelu")     # heads: open_clip's width // 64 default
+    assert model.vision_heads == 1 and model.text_heads == 1
+
+
+def test_open_clip_config_checks(hf_gelu, tmp_path):
+    sd = _open_clip_state_dict(hf_gelu)
+    cfg = _open_clip_config()
+    cfg["model_cfg"]["quick_gelu"] = True
+    model, _ = open_clip_state_dict_to_params(sd, config=cfg)
+    assert model.activation == "quick_gelu"
+    with pytest.raises(ValueError, match="activation='gelu' was asked for but open_clip config: model_cfg's "
+                                         "activation is 'quick_gelu'"):
+        open_clip_state_dict_to_params(sd, config=cfg, activation="gelu")
+    bad = _open_clip_config()
+    bad["model_cfg"]["text_cfg"]["width"] = 128
+    with pytest.raises(CheckpointMismatchError, match=r"model_cfg\.text_cfg\.width = 128 but the weights have "
+                                                      r"text_width = 64"):
+        open_clip_state_dict_to_params(sd, config=bad)
+    with pytest.raises(ValueError, match=r"vision_cfg\.attentional_pool = True: not supported"):
+        open_clip_state_dict_to_params(sd, config=_open_clip_config(attentional_pool=True))
+    with pytest.raises(ValueError, match=r"vision_cfg\.timm_model_name = 'vit_base'"):
+        open_clip_state_dict_to_params(sd, config=_open_clip_config(timm_model_name="vit_base"))
+    with pytest.raises(ValueError, match=r"vision_cfg\.ls_scale = 1: this open_clip option is not supported"):
+        open_clip_state_dict_to_params(sd, config=_open_clip_config(ls_scale=1))
+    # a layer-scale checkpoint has keys our blocks do not have
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected.*visual\.transformer\.resblocks\.0\.ls_1\.gamma"):
+        open_clip_state_dict_to_params({**sd, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(64)},
+                                       config=_open_clip_config())
+    # a DDP training state dict ("module." prefix) with the config passed explicitly
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"module." + k: v for k, v in sd.items()}, str(path))
+    model, params = load_open_clip(str(path), config=_open_clip_config())
+    assert model.activation == "gelu"
+    _assert_tree_equal(params, hf_state_dict_to_params(hf_gelu.state_dict(), hf_gelu.config)[1])
+
+
+def test_gelu_export_and_converted_round_trip(hf_gelu, inputs, tmp_path):
+    from transformers import CLIPModel
+
+    from xmr_jax.convert import save_converted
+
+    model, params = open_clip_state_dict_to_params(_open_clip_state_dict(hf_gelu), config=_open_clip_config())
+    out = to_hf_clip(model, params, str(tmp_path / "hf"))
+    back = CLIPModel.from_pretrained(out).float().eval()
+    assert back.config.vision_config.hidden_act == back.config.text_config.hidden_act == "gelu"
+    images, ids = inputs
+    _assert_matches_torch(model, params, back, images, ids)
+    model2, params2 = load_clip(out)
+    assert model2 == model
+    _assert_tree_equal(params2, params)
+    conv = save_converted(model, params, str(tmp_path / "conv"))
+    assert json.load(open(os.path.join(conv, "xmr_clip.json")))["fields"]["activation"] == "gelu"
+    assert load_clip(conv)[0] == model
+    with pytest.raises(ValueError, match="xmr_clip.json's activation is 'gelu'"):
+        load_clip(conv, activation="quick_gelu")
+    meta = json.load(open(os.path.join(conv, "xmr_clip.json")))   # written before the field existed
+    del meta["fields"]["activation"]
+    json.dump(meta, open(os.path.join(conv, "xmr_clip.json"), "w"))
+    assert load_clip(conv)[0].activation == "quick_gelu"
+    # the CLI takes the activation of a bare state dict
+    bare = str(tmp_path / "bare.pt")
+    torch.save(_open_clip_state_dict(hf_gelu), bare)
+    rc = convert_main(["--input", bare, "--output", str(tmp_path / "cli"), "--activation", "gelu",
+                       "--vision_heads", "4", "--text_heads", "4"])
+    assert rc == 0 and load_clip(str(tmp_path / "cli"))[0] == model
+

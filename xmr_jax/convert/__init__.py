@@ -2,6 +2,8 @@
 
     model, params = load_clip("ViT-B-16.pt", image_size=(384, 128))      # OpenAI TorchScript / state dict
     model, params = load_clip("hf_clip_folder/", dtype="bfloat16")        # transformers CLIPModel folder
+    model, params = load_clip("open_clip_pytorch_model.bin")              # open_clip (config.json next to it)
+    model, params = load_clip("laion_b16.safetensors", activation="gelu") # open_clip / OpenAI key layout
     model, params = load_clip("converted/")                               # output of `python -m xmr_jax.convert`
     to_hf_clip(model, params, "out_hf/")                                  # back to a transformers folder
 
@@ -19,18 +21,22 @@ from typing import Any
 from xmr_jax.convert.core import (CheckpointMismatchError, adapt_params, canonical_params, check_params,
                                   load_state_dict_file)
 from xmr_jax.convert.hf import hf_state_dict_to_params, load_hf_clip, to_hf_clip
-from xmr_jax.convert.openai import openai_fields, openai_state_dict_to_params
+from xmr_jax.convert.open_clip import (find_open_clip_config, find_open_clip_weights, is_open_clip_file,
+                                      load_open_clip, open_clip_state_dict_to_params)
+from xmr_jax.convert.openai import check_recorded_activation, openai_fields, openai_state_dict_to_params
 from xmr_jax.convert.posembed import resize_positional_embedding
 from xmr_jax.models.clip import CLIP, CLIP_FIELDS, parse_dtype
 from xmr_jax.models.vit import as_hw
 
 __all__ = ["CheckpointMismatchError", "load_clip", "save_converted", "openai_state_dict_to_params",
-           "hf_state_dict_to_params", "to_hf_clip", "resize_positional_embedding", "openai_fields",
-           "check_params"]
+           "hf_state_dict_to_params", "open_clip_state_dict_to_params", "load_open_clip", "to_hf_clip",
+           "resize_positional_embedding", "openai_fields", "check_params"]
 
 META_FILE = "xmr_clip.json"
 FORMAT_NAME = "xmr_jax.clip"
 _RUNTIME_FIELDS = ("dtype", "remat", "scan_layers")
+_HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json")
 
 
 def save_converted(model: CLIP, params, out_dir: str, fmt: str = "msgpack") -> str:
@@ -74,6 +80,9 @@ def _load_converted(folder: str, image_size, overrides):
     if meta.get("format") != FORMAT_NAME or "fields" not in meta:
         raise ValueError(f"{folder}/{META_FILE}: not an xmr_jax converted CLIP (format={meta.get('format')!r})")
     fields = dict(meta["fields"])
+    # folders written before the activation field existed hold OpenAI-style (QuickGELU) towers
+    check_recorded_activation(fields.setdefault("activation", "quick_gelu"), overrides,
+                              f"{folder}/{META_FILE}'s activation")
     source = as_hw(fields["image_size"])
     unknown = sorted(set(overrides) - set(CLIP_FIELDS))
     if unknown:
@@ -117,12 +126,18 @@ def _detect_prefix(sd) -> tuple[str, str]:
 def load_clip(path: str, image_size=None, **model_overrides: Any):
     """Load CLIP towers from `path` -> (CLIP model, float32 params).
 
-    path: an OpenAI CLIP TorchScript archive or state dict (.pt/.pth/.bin/.safetensors), a HF
-      CLIPModel folder (config.json + model.safetensors | pytorch_model.bin), or a folder written by
-      `save_converted` / `python -m xmr_jax.convert`.
+    path: an OpenAI CLIP TorchScript archive or state dict (.pt/.pth/.bin/.safetensors), an open_clip
+      state dict (same key names; read as open_clip's when its name starts with "open_clip" or an
+      open_clip_config.json lies next to it, see convert/open_clip.py), a HF CLIPModel folder
+      (config.json + model.safetensors | pytorch_model.bin; hidden_act "quick_gelu" or "gelu"), a
+      folder with open_clip_config.json + open_clip weights, or a folder written by `save_converted`
+      / `python -m xmr_jax.convert`.
     image_size: (H, W) (or int) to run at; the image positional embedding is resized bilinearly.
     model_overrides: CLIP fields, e.g. dtype="bfloat16", scan_layers=True, remat=True, and head counts
-      (vision_heads/text_heads) for state dicts whose heads differ from OpenAI's width // 64; for
+      (vision_heads/text_heads) for state dicts whose heads differ from OpenAI's width // 64;
+      activation="gelu" | "quick_gelu" for state dicts, which do not record it (OpenAI-layout files
+      default to OpenAI's "quick_gelu"; open_clip files without their config need it), and checked
+      against the recorded one for HF, open_clip-with-config and converted folders; for
       OpenAI-format files also `source_image_size=(H, W)` (the size a non-square checkpoint such as
       IRRA's 384x128 was trained at) and `strict=False` (ignore unexpected keys).
     """
@@ -130,15 +145,24 @@ def load_clip(path: str, image_size=None, **model_overrides: Any):
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, META_FILE)):
             return _load_converted(path, image_size, model_overrides)
-        if os.path.isfile(os.path.join(path, "config.json")):
+        # a hub folder may hold both layouts; the transformers one is read when its weights are there
+        hf_weights = any(os.path.isfile(os.path.join(path, n)) for n in _HF_WEIGHT_NAMES)
+        if os.path.isfile(os.path.join(path, "config.json")) and (hf_weights or not find_open_clip_weights(path)):
             return load_hf_clip(path, image_size=image_size, **model_overrides)
+        if find_open_clip_weights(path):
+            return load_open_clip(path, image_size=image_size, **model_overrides)
         raise FileNotFoundError(
-            f"{path}: folder has neither {META_FILE} (xmr_jax converted) nor config.json (Hugging Face CLIPModel)")
+            f"{path}: folder has neither {META_FILE} (xmr_jax converted), config.json (Hugging Face CLIPModel) "
+            f"nor open_clip weights (open_clip_model.safetensors / open_clip_pytorch_model.bin)")
     if not os.path.exists(path):
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
     sd = load_state_dict_file(path)
     style, prefix = _detect_prefix(sd)
     if style == "openai":
+        if is_open_clip_file(path):
+            return open_clip_state_dict_to_params(sd, config=find_open_clip_config(path), image_size=image_size,
+                                                  prefix=prefix, what=f"open_clip checkpoint {path}",
+                                                  **model_overrides)
         return openai_state_dict_to_params(sd, image_size=image_size, prefix=prefix, **model_overrides)
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

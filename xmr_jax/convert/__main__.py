@@ -28,13 +28,18 @@ def _parse_size(text: str):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xmr_jax.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True,
-                        help="OpenAI .pt/.pth/.safetensors, HF CLIPModel folder, or converted folder")
+                        help="OpenAI or open_clip .pt/.pth/.bin/.safetensors, HF CLIPModel or open_clip folder, "
+                             "or converted folder")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--image_size", type=_parse_size, default=None,
                         help="H,W to resize the positional embedding to")
     parser.add_argument("--format", choices=("msgpack", "orbax"), default="msgpack")
     parser.add_argument("--vision_heads", type=int, default=None, help="default: from config or width // 64")
     parser.add_argument("--text_heads", type=int, default=None, help="default: from config or width // 64")
+    parser.add_argument("--activation", choices=("quick_gelu", "gelu"), default=None,
+                        help="MLP activation of a state dict, which does not record it: 'gelu' for open_clip's own "
+                             "models (ViT-B-16, ViT-L-14 laion2b / DataComp), 'quick_gelu' for OpenAI's "
+                             "(default for OpenAI-layout files); HF / open_clip configs give it themselves")
     parser.add_argument("--source_image_size", type=_parse_size, default=None,
                         help="H,W the checkpoint was trained at, for non-square grids (e.g. IRRA 384,128)")
     args = parser.parse_args(argv)
@@ -42,7 +47,8 @@ def main(argv=None) -> int:
     from xmr_jax.convert import load_clip, save_converted
 
     overrides = {k: v for k, v in (("vision_heads", args.vision_heads), ("text_heads", args.text_heads),
-                                   ("source_image_size", args.source_image_size)) if v}
+                                   ("source_image_size", args.source_image_size),
+                                   ("activation", args.activation)) if v}
     try:
         model, params = load_clip(args.input, image_size=args.image_size, **overrides)
         save_converted(model, params, args.output, fmt=args.format)
@@ -51,7 +57,8 @@ def main(argv=None) -> int:
         return 2
     f = model.fields()
     print(f"wrote {args.output}: image {f['image_size']} patch {f['patch_size']} vision {f['vision_width']}x"
-          f"{f['vision_layers']} text {f['text_width']}x{f['text_layers']} embed {f['embed_dim']} ({args.format})")
+          f"{f['vision_layers']} text {f['text_width']}x{f['text_layers']} embed {f['embed_dim']} "
+          f"{f['activation']} ({args.format})")
     return 0
 
 

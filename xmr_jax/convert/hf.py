@@ -5,7 +5,9 @@ position_embedding.weight}`, `vision_model.pre_layrnorm`, `vision_model.encoder.
 self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1, mlp.fc2}`, `vision_model.post_layernorm`,
 `visual_projection.weight` [D, w]; `text_model.embeddings.{token_embedding, position_embedding}.weight`,
 `text_model.encoder.layers.N.*`, `text_model.final_layer_norm`, `text_projection.weight` [D, w],
-`logit_scale`. Only OpenAI-style models are supported: hidden_act "quick_gelu", MLP 4x width.
+`logit_scale`. Supported: hidden_act "quick_gelu" (OpenAI CLIPs) or "gelu" (exact GELU: open_clip's
+LAION / DataComp CLIPs as transformers folders), the same in both towers; MLP 4x width; LayerNorm eps
+1e-5. The activation becomes the model's `activation` field and `to_hf_clip` writes it back.
 
 Pooling: HF pools the text at argmax(ids) when text_config.eos_token_id == 2 (the legacy value of
 the OpenAI checkpoints, which `to_hf_clip` writes) and at the first `eos_token_id` otherwise; both
@@ -23,7 +25,7 @@ import numpy as np
 
 from xmr_jax.convert.core import (CheckpointMismatchError, Entry, adapt_params, apply_table, canonical_params,
                                   flatten, inverse_transform, load_state_dict_file, square_grid)
-from xmr_jax.convert.openai import _count_blocks, _model_from, _shape
+from xmr_jax.convert.openai import _count_blocks, _model_from, _shape, check_recorded_activation
 from xmr_jax.models.clip import CLIP
 from xmr_jax.models.vit import as_hw
 
@@ -47,17 +49,23 @@ def _sub(cfg: dict, name: str) -> dict:
     return sub.to_dict() if hasattr(sub, "to_dict") else dict(sub)
 
 
-def _check_supported(cfg: dict, name: str, width: int) -> None:
+HF_ACTIVATIONS = ("quick_gelu", "gelu")   # transformers' names = our CLIP `activation` values
+
+
+def _check_supported(cfg: dict, name: str, width: int) -> str:
+    """Raise ValueError for what our towers cannot express; return the tower's hidden_act."""
     sub = _sub(cfg, name)
     act = sub.get("hidden_act", "quick_gelu")
-    if act != "quick_gelu":
-        raise ValueError(f"HF CLIP config {name}.hidden_act = {act!r}: only 'quick_gelu' (OpenAI CLIP) is supported")
+    if act not in HF_ACTIVATIONS:
+        raise ValueError(f"HF CLIP config {name}.hidden_act = {act!r}: expected one of {HF_ACTIVATIONS} "
+                         f"(OpenAI's QuickGELU or the exact GELU of open_clip's CLIPs)")
     inter = sub.get("intermediate_size", 4 * width)
     if inter != 4 * width:
         raise ValueError(f"HF CLIP config {name}.intermediate_size = {inter}: expected 4 * hidden_size = {4 * width}")
     eps = sub.get("layer_norm_eps", 1e-5)
     if eps is not None and abs(eps - 1e-5) > 1e-12:
         raise ValueError(f"HF CLIP config {name}.layer_norm_eps = {eps}: only 1e-5 is supported")
+    return act
 
 
 def hf_fields(state_dict: Mapping[str, Any], config=None) -> dict:
@@ -67,8 +75,11 @@ def hf_fields(state_dict: Mapping[str, Any], config=None) -> dict:
     key = "vision_model.embeddings.position_embedding.weight"
     g = square_grid(_shape(sd, key)[0], key)
     vocab, tw = _shape(sd, "text_model.embeddings.token_embedding.weight")
-    _check_supported(cfg, "vision_config", vw)
-    _check_supported(cfg, "text_config", tw)
+    vision_act = _check_supported(cfg, "vision_config", vw)
+    text_act = _check_supported(cfg, "text_config", tw)
+    if vision_act != text_act:
+        raise ValueError(f"HF CLIP config: vision_config.hidden_act = {vision_act!r} but text_config.hidden_act = "
+                         f"{text_act!r}; xmr_jax's CLIP uses one activation for both towers")
     return dict(
         embed_dim=_shape(sd, "visual_projection.weight")[0],
         image_size=(g * patch, g * patch),
@@ -81,6 +92,7 @@ def hf_fields(state_dict: Mapping[str, Any], config=None) -> dict:
         text_width=tw,
         text_layers=_count_blocks(sd, "text_model.encoder.layers."),
         text_heads=_sub(cfg, "text_config").get("num_attention_heads", _HF_DEFAULT_HEADS["text_config"]),
+        activation=vision_act,
     )
 
 
@@ -139,6 +151,7 @@ def hf_state_dict_to_params(state_dict: Mapping[str, Any], config=None, *, image
     Raises CheckpointMismatchError (ValueError) naming the key and shapes on any mismatch.
     """
     fields = hf_fields(state_dict, config)
+    check_recorded_activation(fields["activation"], model_overrides, "the Hugging Face config's hidden_act")
     model, source = _model_from(fields, image_size, model_overrides)
     ignore = lambda k: k.endswith(HF_IGNORED_SUFFIXES)
     params = apply_table(state_dict, hf_table(model.fields(), source), ignore=ignore,
@@ -175,20 +188,21 @@ def load_hf_clip(folder: str, image_size=None, **model_overrides):
 
 
 def hf_config_dict(model: CLIP, logit_scale: float) -> dict:
-    """config.json content of a transformers CLIPModel equivalent to `model` (square images only)."""
+    """config.json content of a transformers CLIPModel equivalent to `model` (square images only;
+    hidden_act = model.activation in both towers)."""
     f = model.fields()
     h, w = f["image_size"]
     text = dict(model_type="clip_text_model", vocab_size=f["vocab_size"], hidden_size=f["text_width"],
                 intermediate_size=4 * f["text_width"], projection_dim=f["embed_dim"],
                 num_hidden_layers=f["text_layers"], num_attention_heads=f["text_heads"],
-                max_position_embeddings=f["context_length"], hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                max_position_embeddings=f["context_length"], hidden_act=f["activation"], layer_norm_eps=1e-5,
                 attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
                 pad_token_id=1, bos_token_id=f["vocab_size"] - 2,
                 eos_token_id=2)  # 2 = legacy value: HF pools at argmax(ids), exactly like us
     vision = dict(model_type="clip_vision_model", hidden_size=f["vision_width"],
                   intermediate_size=4 * f["vision_width"], projection_dim=f["embed_dim"],
                   num_hidden_layers=f["vision_layers"], num_attention_heads=f["vision_heads"], num_channels=3,
-                  image_size=h, patch_size=f["patch_size"], hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                  image_size=h, patch_size=f["patch_size"], hidden_act=f["activation"], layer_norm_eps=1e-5,
                   attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0)
     return dict(architectures=["CLIPModel"], model_type="clip", projection_dim=f["embed_dim"],
                 logit_scale_init_value=float(logit_scale), initializer_factor=1.0, torch_dtype="float32",

@@ -109,6 +109,14 @@ def openai_table(fields: Mapping[str, Any], source_image_size) -> list:
     return table
 
 
+def check_recorded_activation(recorded: str, overrides: Mapping[str, Any], where: str) -> None:
+    """Raise ValueError when `overrides["activation"]` contradicts the activation a checkpoint records."""
+    asked = overrides.get("activation")
+    if asked is not None and asked != recorded:
+        raise ValueError(f"activation={asked!r} was asked for but {where} is {recorded!r}; the weights were "
+                         f"trained with {recorded!r} (leave activation unset, or load the matching checkpoint)")
+
+
 def _model_from(fields: dict, image_size, overrides: Mapping[str, Any]) -> tuple[CLIP, tuple]:
     unknown = sorted(set(overrides) - set(CLIP_FIELDS))
     if unknown:
