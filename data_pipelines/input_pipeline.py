@@ -3,7 +3,8 @@
 Entry points: from_config(config, process_index, process_count) -> PipelineData (what the trainer
 uses); train_dataset / eval_gallery / eval_queries / dataset_metadata / eval_sizes underneath.
 
-Data layout (data_pipelines/builders): a builder yields one example per image with `captions`;
+Data layout (data_pipelines/builders): a builder yields one example per image with `captions`,
+`image_index` and, for person data, `pid` (without one, each image is its own identity);
 training uses one sample per caption.
 
 Text follows the model family's TextSpec (xmr_jax.models.families; `text=`, default CLIP_TEXT_MLM:
@@ -110,6 +111,12 @@ def _skip_image(builder) -> dict | None:
     return {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None
 
 
+def _pid(ex) -> tf.Tensor:
+    """The example's identity: its `pid`, or for data sets without one (e.g. region features) the
+    image itself (`image_index`)."""
+    return ex["pid"] if "pid" in ex else ex["image_index"]
+
+
 def _repeat(x: tf.Tensor, n) -> tf.Tensor:
     """[n, *x.shape]: x repeated n times."""
     return tf.fill([n], x) if x.shape.rank == 0 else tf.repeat(x[None], n, axis=0)
@@ -162,7 +169,7 @@ def _split_captions(name: str, data_dir: str | None, split: str):
     _check_split(builder, split)
     ds = builder.as_dataset(split=split, shuffle_files=False,
                             decoders=_skip_image(builder))
-    ds = ds.map(lambda ex: (ex["image_index"], ex["pid"], ex["captions"]))
+    ds = ds.map(lambda ex: (ex["image_index"], _pid(ex), ex["captions"]))
     records = {}
     for image_index, pid, captions in ds.as_numpy_iterator():
         image_index = int(image_index)
@@ -314,7 +321,7 @@ def train_tf_dataset(name: str, data_dir, split: str = "train", image_size=(384,
         return tf.data.Dataset.from_tensor_slices({
             **{key: _repeat(ex[key], n) for key in images.features},
             "row": starts[i] + tf.range(n, dtype=tf.int64),
-            "pid": tf.fill([n], ex["pid"]),
+            "pid": tf.fill([n], _pid(ex)),
             "image_index": tf.fill([n], i),
         })
 
@@ -444,7 +451,7 @@ def eval_gallery(name: str, data_dir, split: str = "test", image_size=(384, 128)
     ds = builder.as_dataset(split=_host_split(split, process_index, process_count), shuffle_files=False,
                             decoders=_skip_image(builder))
     ds = ds.map(lambda ex: {**images.eval({key: ex[key] for key in images.features}, size),
-                            "pids": tf.cast(ex["pid"], tf.int32),
+                            "pids": tf.cast(_pid(ex), tf.int32),
                             "image_ids": tf.cast(ex["image_index"], tf.int32)},
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_options())

@@ -474,3 +474,47 @@ def test_image_scheme_sets_the_image_fields(data_dir):
         np.testing.assert_array_equal(a["valid"], b["valid"])
         np.testing.assert_allclose(b["color"][a["valid"]], a["images"][a["valid"]].mean(axis=(1, 2)), atol=1e-5)
         assert not b["color"][~b["valid"]].any()
+
+
+def test_region_features_through_the_pipeline(tmp_path):
+    """A family on precomputed region features (TGDT as published) needs no pipeline edit: its
+    ImageSpec names the builder's `regions` / `boxes` features, and a builder without `pid` makes
+    each image its own identity."""
+    from data_pipelines import build
+    from tests import teran_fixtures as fx
+    from xmr_jax.models.families import ImageSpec, TextSpec
+
+    manual = fx.write_flickr30k_teran(tmp_path / "manual")
+    build.build("flickr30k_regions", manual, tmp_path / "tfds")
+    data_dir = str(tmp_path / "tfds")
+
+    def as_stored(features, size):
+        return {"regions": features["regions"], "boxes": features["boxes"]}
+
+    regions = ImageSpec("regions", ("regions", "boxes"), lambda f, size, seeds, augment, flip: as_stored(f, size),
+                        as_stored)
+    words = TextSpec("word_count", _WordCount, lambda t: np.zeros((t,), np.int32))
+    stored = {int(e["image_index"]): e for e in _tfds_as_numpy(ip.get_builder("flickr30k_regions", data_dir), "test")}
+
+    batch = next(ip.train_dataset("flickr30k_regions", data_dir, batch_size=8, seed=0, context_length=4,
+                                  text=words, images=regions))
+    assert {k: v.shape for k, v in batch.items()} == {"regions": (8, 36, 2048), "boxes": (8, 36, 4),
+                                                      "text_ids": (8, 4), "pids": (8,), "image_ids": (8,)}
+    np.testing.assert_array_equal(batch["pids"], batch["image_ids"])
+
+    gallery = list(ip.eval_gallery("flickr30k_regions", data_dir, "test", batch_size=2, images=regions))
+    valid = np.concatenate([b["valid"] for b in gallery])
+    assert valid.tolist() == [True, True, True, False]
+    ids = np.concatenate([b["image_ids"] for b in gallery])[valid]
+    for key in ("regions", "boxes"):
+        got = np.concatenate([b[key] for b in gallery])
+        np.testing.assert_array_equal(got[valid], np.stack([stored[int(i)][key] for i in ids]))
+        assert not got[~valid].any()
+    queries = list(ip.eval_queries("flickr30k_regions", data_dir, "test", batch_size=8, context_length=4, text=words))
+    assert sum(int(b["valid"].sum()) for b in queries) == 15
+
+
+def _tfds_as_numpy(builder, split):
+    import tensorflow_datasets as tfds
+
+    return list(tfds.as_numpy(builder.as_dataset(split=split)))
