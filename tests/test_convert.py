@@ -418,3 +418,25 @@ def test_gelu_export_and_converted_round_trip(hf_gelu, inputs, tmp_path):
                        "--vision_heads", "4", "--text_heads", "4"])
     assert rc == 0 and load_clip(str(tmp_path / "cli"))[0] == model
 
+
+
+def test_family_init_checkpoint_uses_and_checks_the_config_activation(tmp_path):
+    """IRRA's model.init_checkpoint: the config's activation is passed to load_clip, so a checkpoint
+    recording another one is refused instead of being run with the wrong MLP."""
+    import types
+
+    import ml_collections
+
+    from xmr_jax.convert import save_converted
+    from xmr_jax.models.irra import FAMILY
+
+    gelu = clip_from_config({"preset": "tiny", "activation": "gelu"})
+    params = jax.tree.map(lambda s: np.full(s.shape, 0.01, np.float32), clip_param_shapes(gelu))
+    save_converted(gelu, params, str(tmp_path / "clip"))
+    config = ml_collections.ConfigDict({"model": {"init_checkpoint": str(tmp_path / "clip")},
+                                        "data": {"image_size": (32, 32)}})
+    got = FAMILY.pretrained(types.SimpleNamespace(base_model=gelu), config)
+    _assert_tree_equal(got["base_model"], params)
+    with pytest.raises(ValueError, match="activation='quick_gelu' was asked for but .*xmr_clip.json's activation is "
+                                         "'gelu'"):
+        FAMILY.pretrained(types.SimpleNamespace(base_model=gelu.clone(activation="quick_gelu")), config)

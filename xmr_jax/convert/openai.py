@@ -113,8 +113,9 @@ def check_recorded_activation(recorded: str, overrides: Mapping[str, Any], where
     """Raise ValueError when `overrides["activation"]` contradicts the activation a checkpoint records."""
     asked = overrides.get("activation")
     if asked is not None and asked != recorded:
-        raise ValueError(f"activation={asked!r} was asked for but {where} is {recorded!r}; the weights were "
-                         f"trained with {recorded!r} (leave activation unset, or load the matching checkpoint)")
+        raise ValueError(f"activation={asked!r} was asked for but {where} is {recorded!r}: the weights were "
+                         f"trained with it; ask for {recorded!r} (in a config: model.clip activation or preset) "
+                         f"or load a checkpoint trained with {asked!r}")
 
 
 def _model_from(fields: dict, image_size, overrides: Mapping[str, Any]) -> tuple[CLIP, tuple]:

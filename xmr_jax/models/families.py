@@ -225,8 +225,9 @@ class ClipTowerFamily(Family):
         from xmr_jax import convert
 
         clip = model.base_model
+        # activation: picks it for state dicts (which do not record it); an error if the file records another
         _, clip_params = convert.load_clip(init, image_size=tuple(config.data.image_size),
-                                           scan_layers=clip.scan_layers)
+                                           scan_layers=clip.scan_layers, activation=clip.activation)
         convert.check_params(clip_params, clip, what=f"config.model.init_checkpoint={init}")
         return {"base_model": clip_params}
 
