@@ -380,9 +380,11 @@ def test_open_clip_config_checks(hf_gelu, tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"unexpected.*visual\.transformer\.resblocks\.0\.ls_1\.gamma"):
         open_clip_state_dict_to_params({**sd, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(64)},
                                        config=_open_clip_config())
-    # a DDP training state dict ("module." prefix) with the config passed explicitly
+    # an open_clip training checkpoint (DDP "module." prefix, optimizer state) with the config given
     path = tmp_path / "epoch_1.pt"
-    torch.save({"module." + k: v for k, v in sd.items()}, str(path))
+    torch.save({"epoch": 1, "name": "run", "state_dict": {"module." + k: v for k, v in sd.items()},
+                "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4}]},
+                "scaler": {}}, str(path))
     model, params = load_open_clip(str(path), config=_open_clip_config())
     assert model.activation == "gelu"
     _assert_tree_equal(params, hf_state_dict_to_params(hf_gelu.state_dict(), hf_gelu.config)[1])

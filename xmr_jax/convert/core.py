@@ -220,9 +220,14 @@ def source_hw(num_positions: int, patch: int, key: str, source_image_size=None) 
 # File loading
 
 
+# open_clip's training checkpoints (epoch_N.pt): {"epoch", "name", "state_dict", "optimizer"[, "scaler"]}
+_OPEN_CLIP_TRAINING_KEYS = {"epoch", "name", "state_dict", "optimizer", "scaler"}
+
+
 def load_state_dict_file(path: str) -> dict:
     """Load a state dict from .safetensors (numpy, no torch) or .pt/.pth/.bin (TorchScript archive
-    or pickled state dict; needs torch). Wrappers {"state_dict": sd} / {"model": sd} are unwrapped."""
+    or pickled state dict, read with weights_only=True; needs torch). Wrappers {"state_dict": sd} /
+    {"model": sd} (with up to two other entries) and open_clip training checkpoints are unwrapped."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
@@ -245,7 +250,8 @@ def load_state_dict_file(path: str) -> dict:
         except Exception as e:
             raise ValueError(f"could not read {path} as a TorchScript archive or a torch state dict: {e}") from e
     for wrapper in ("state_dict", "model"):
-        if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping) and len(sd) <= 3:
+        if (isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping)
+                and (len(sd) <= 3 or set(sd) <= _OPEN_CLIP_TRAINING_KEYS)):
             sd = sd[wrapper]
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: expected a state dict (mapping of names to tensors), got {type(sd).__name__}")
