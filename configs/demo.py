@@ -8,7 +8,7 @@ cross-modal transformer and a 49408-way output) triples the step time, so within
 budget it trains a third as many steps; `loss_names=sdm+id+mlm` runs the full IRRA objective.
 
 Arguments after ':' (comma-separated key=value): loss_names, epochs, batch_size, seed.
-Towers follow shared/notes/demo-feasibility.md: ViT 8x8 patches on 64x32 images (32 patches +
+Towers sized for minutes of CPU training from scratch: ViT 8x8 patches on 64x32 images (32 patches +
 CLS), width 128, 3 layers, 4 heads; causal text transformer width 128, 3 layers; 128-d
 embeddings; trained from scratch with AdamW (the IRRA recipe's lr 1e-5 is for fine-tuning
 pretrained CLIP and barely moves random towers).

@@ -54,7 +54,7 @@ SCHEDULES = ("epoch_warmup_cosine", "step_warmup_cosine", "step_decay", "constan
 
 
 def default_irra_optim_config() -> ml_collections.ConfigDict:
-    """The IRRA recipe of SPEC section 4 (Adam + coupled L2, parameter groups, warmup-cosine, 60 ep)."""
+    """IRRA's recipe (docs/semantics.md, section 'Training recipes'): Adam + coupled L2, parameter groups, warmup-cosine, 60 ep."""
     c = ml_collections.ConfigDict()
     c.name = "adam_l2"
     c.lr = 1e-5
@@ -80,7 +80,7 @@ def default_irra_optim_config() -> ml_collections.ConfigDict:
 
 
 def default_tgdt_optim_config() -> ml_collections.ConfigDict:
-    """TGDT recipe (SPEC section 6): Adam lr 1e-5, no decay, clip 2.0, x0.1 every 20 of 60 epochs."""
+    """TGDT recipe (docs/semantics.md, section 'Training recipes'): Adam lr 1e-5, no decay, clip 2.0, x0.1 every 20 of 60 epochs."""
     c = default_irra_optim_config()
     c.weight_decay = 0.0
     c.eps = 1e-8
