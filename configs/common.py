@@ -89,6 +89,11 @@ def trainer_defaults(config: ml_collections.ConfigDict) -> None:
     # k_i2t, local_scale, local_exhaustive, coco_1k_folds, coco_1k_fold_size) over the family's.
     config.evals = ml_collections.ConfigDict({"eval": {
         "kind": "", "split": "", "every_epochs": config.get_ref("eval_every_epochs"), "prefix": "eval"}})
+    # Model selection: eval names the config.evals entry whose results pick the best checkpoint
+    # (kept in WORKDIR/best, never deleted by keep_checkpoints; "" = none: the last epoch is
+    # reported), metric a key of its results ("R1", "mAP", ...; caption: "two_stage/rsum"), mode
+    # "max" | "min"; note says why there is none (printed and written to selection.json).
+    config.select = ml_collections.ConfigDict({"eval": "", "metric": "R1", "mode": "max", "note": ""})
     config.precision = "bfloat16"
     config.mesh = mesh_config()
     config.profile_steps = ()  # e.g. (10, 20): jax.profiler trace from step 10 to 20
@@ -97,8 +102,13 @@ def trainer_defaults(config: ml_collections.ConfigDict) -> None:
     config.param_table = True  # print which parameter got which lr / weight decay / sharding at start
 
 
-def irra_config(dataset: str, num_classes: int, arg: str | None) -> ml_collections.ConfigDict:
+def irra_config(dataset: str, num_classes: int, arg: str | None, val_split: str = "val") -> ml_collections.ConfigDict:
     """IRRA's published recipe (SPEC section 4) on a person-retrieval data set.
+
+    Model selection: with a `val_split` ("" = the data set has none), config.evals.val evaluates
+    it every config.eval_every_epochs (1) epochs, the best val R1 checkpoint is kept, and the
+    test split (config.evals.eval) is evaluated after training at the last epoch and at that best
+    checkpoint. Without one, the last epoch is reported.
 
     `arg` keys: init (OpenAI CLIP checkpoint path), data_dir, manual_dir, batch_size, epochs, seed,
     loss_names, precision.
@@ -137,8 +147,17 @@ def irra_config(dataset: str, num_classes: int, arg: str | None) -> ml_collectio
     config.optim.num_epochs = config.get_ref("num_epochs")
     trainer_defaults(config)
     config.precision = arg.precision
-    # The last epoch is reported (IRRA's reference picked the best epoch on the test split).
-    config.eval_every_epochs = 0
+    # IRRA's reference picked its best epoch on the test split; here the test split is evaluated
+    # only after training, and a validation split (when the data set has one) selects.
+    config.evals.eval = ml_collections.ConfigDict({"kind": "", "split": "", "every_epochs": 0, "prefix": "eval"})
+    if val_split:
+        config.eval_every_epochs = 1
+        config.evals.val = ml_collections.ConfigDict({
+            "kind": "", "split": val_split, "every_epochs": config.get_ref("eval_every_epochs"), "prefix": "val"})
+        config.select.eval = "val"
+    else:
+        config.eval_every_epochs = 0
+        config.select.note = f"{dataset} has no validation split"
     return config
 
 

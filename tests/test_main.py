@@ -63,6 +63,11 @@ def test_train_and_eval_writes_everything(trained):
     assert json.load(open(workdir / "config.json"))["data"]["config_name"] == "tiny"
     assert os.listdir(workdir / "tensorboard")
     assert (workdir / "checkpoints" / "12").is_dir()
+    # No config.select: no best checkpoint, and the report says the last epoch is what it gives.
+    assert json.load(open(workdir / "selection.json")) == {
+        "select": None, "last_step": 12,
+        "note": "no model selection (config.select.eval is empty): the test metrics are those of the last epoch"}
+    assert not (workdir / "best").exists() and "selection" not in results
 
 
 def _reference_eval(config, workdir, steps: int = 12) -> dict:

@@ -5,7 +5,8 @@ Layout: ``<workdir>/checkpoints/<step>/{state, meta}``; ``state`` is the train s
 (``xmr_jax.train.TrainState(step, params, opt_state, nonfinite)``), ``meta`` an optional JSON dict
 (config, data set sizes, ...). The newest ``keep`` checkpoints are kept.
 
-Writing and resuming: ``Checkpointer`` (the trainer). Reading without the trainer (evaluation,
+Writing and resuming: ``Checkpointer`` (the trainer). Model selection: ``BestCheckpoint`` keeps the
+parameters of the best validation result under ``<workdir>/best`` (never deleted by keep-N). Reading without the trainer (evaluation,
 export, search, converted CLIP folders): ``find_checkpoint`` resolves a workdir, its checkpoints
 folder or one step folder (plus an optional step) to one finished step, and ``load_params`` reads
 only the ``params`` subtree of that step (no template, no optimizer state), onto devices or as
@@ -357,6 +358,80 @@ class Checkpointer:
         step = self._resolve_step(step)
         out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"] or {})
+
+
+class BestCheckpoint:
+    """The parameters of the best evaluation so far (model selection), apart from the trainer's.
+
+    Layout: ``<workdir>/best/checkpoints/<step>/state`` holds ``{"params": ...}`` of that step
+    (the `save_params` layout: ``load_params(<workdir>/best)`` and ``--mode=eval
+    --checkpoint=<workdir>/best`` read it) and ``<workdir>/best/best.json`` describes it:
+    {"step", "eval", "metric", "mode", "value"}. Its own folder, so the trainer's keep-N never
+    deletes it; only the newest best step is kept. The record survives a resume: a rerun compares
+    against the best of the earlier run.
+
+    Args:
+      workdir: the run's work directory (local path or gs://...).
+      eval_name / metric / mode: what selects (recorded, and checked against an existing record:
+        a workdir selected by another rule raises ValueError); mode "max" or "min".
+    """
+
+    def __init__(self, workdir: str, eval_name: str, metric: str, mode: str):
+        if mode not in ("max", "min"):
+            raise ValueError(f"config.select.mode={mode!r}: expected 'max' or 'min'")
+        self.directory = logging_utils.join(workdir, "best")
+        self.eval_name, self.metric, self.mode = eval_name, metric, mode
+        self._record_path = logging_utils.join(self.directory, "best.json")
+        self.record = self._read_record()
+
+    def _read_record(self) -> dict | None:
+        import json
+
+        path = logging_utils.as_path(self._record_path)
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        rule = {"eval": self.eval_name, "metric": self.metric, "mode": self.mode}
+        if {k: record.get(k) for k in rule} != rule:
+            raise ValueError(
+                f"{self._record_path} selects by {({k: record.get(k) for k in rule})}, but config.select says "
+                f"{rule}; use a new --workdir or remove {self.directory}")
+        return record
+
+    def is_better(self, value: float) -> bool:
+        """True when `value` beats the recorded best (ties keep the earlier step; NaN never wins)."""
+        value = float(value)
+        if not np.isfinite(value):
+            return False
+        if self.record is None:
+            return True
+        best = float(self.record["value"])
+        return value > best if self.mode == "max" else value < best
+
+    def offer(self, step: int, params: PyTree, value: float) -> bool:
+        """Saves `params` as the best (synchronously, replacing the previous best) when `value`
+        beats the record; returns whether it did."""
+        import json
+
+        if not self.is_better(value):
+            return False
+        with Checkpointer(self.directory, keep=1, async_save=False) as ckpt:
+            if int(step) in ckpt.all_steps():  # the same step offered again (a rerun): keep it
+                pass
+            else:
+                ckpt.save(int(step), {"params": params})
+        self.record = {"step": int(step), "eval": self.eval_name, "metric": self.metric, "mode": self.mode,
+                       "value": float(value)}
+        if jax.process_index() == 0:
+            logging_utils.write_text(self._record_path, json.dumps(self.record, indent=2))
+        return True
+
+    def load_params(self) -> tuple[PyTree, int]:
+        """(params, step) of the recorded best (replicated over all devices); FileNotFoundError
+        when none was saved."""
+        if self.record is None:
+            raise FileNotFoundError(f"{self.directory}: no best checkpoint was saved")
+        return load_params(self.directory, step=int(self.record["step"]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -403,6 +403,105 @@ def evaluator_specs(config) -> list[EvalSpec]:
     return specs
 
 
+PERSON_METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionRule:
+    """Model selection (config.select), resolved: the evaluator whose results pick the best
+    checkpoint (`spec`, one of `evaluator_specs`), the metric (a key of its flattened results, e.g.
+    "R1" or "two_stage/rsum") and mode ("max" / "min")."""
+    spec: EvalSpec
+    metric: str
+    mode: str
+
+
+def selection_rule(config, specs: Sequence[EvalSpec]) -> Optional[SelectionRule]:
+    """config.select -> SelectionRule, or None when config.select.eval is "" (or config.select is
+    absent): no selection, the last epoch is reported. Raises ValueError naming the field.
+
+    config.select: eval (a name in config.evals, e.g. "val": its every_epochs > 0 so there is
+    something to choose from), metric (default "R1"), mode ("max" | "min"), note (printed when
+    eval is "", e.g. why a data set has no validation split).
+    """
+    select = config.get("select")
+    if not select or not select.get("eval"):
+        return None
+    by_name = {spec.name: spec for spec in specs}
+    name, metric, mode = select.get("eval"), select.get("metric", "R1"), select.get("mode", "max")
+    if name not in by_name:
+        raise ValueError(f"config.select.eval={name!r}: expected one of config.evals ({sorted(by_name)}) or '' "
+                         "for no selection")
+    spec = by_name[name]
+    if spec.every_epochs <= 0:
+        raise ValueError(f"config.select.eval={name!r}: config.evals.{name}.every_epochs is 0, so it runs only "
+                         "after training and there is nothing to select; set it (or config.eval_every_epochs) "
+                         "to N >= 1")
+    if mode not in ("max", "min"):
+        raise ValueError(f"config.select.mode={mode!r}: expected 'max' or 'min'")
+    if not isinstance(metric, str) or not metric:
+        raise ValueError(f"config.select.metric={metric!r}: expected a metric name such as 'R1'")
+    if spec.kind == "person" and metric not in PERSON_METRICS:
+        raise ValueError(f"config.select.metric={metric!r}: person retrieval reports {list(PERSON_METRICS)}")
+    if len(specs) < 2:
+        raise ValueError(f"config.select.eval={name!r} is the only evaluator in config.evals; declare the test "
+                         "evaluator too, to report its metrics at the selected checkpoint")
+    return SelectionRule(spec, metric, mode)
+
+
+def selected_value(rule: SelectionRule, result: Mapping[str, Any]) -> float:
+    """The selection metric in one result of rule.spec; ValueError naming config.select.metric
+    and the keys there are when it has no such metric (caption results: "two_stage/rsum", ...)."""
+    flat = flatten_metrics(result)
+    if rule.metric not in flat:
+        known = sorted(k for k in flat if not k.split("/")[-1].startswith("num_"))
+        raise ValueError(f"config.select.metric={rule.metric!r}: config.evals.{rule.spec.name} reports "
+                         f"{known}")
+    return flat[rule.metric]
+
+
+def summarize_seeds(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> dict:
+    """Mean and standard deviation over seeds of every reported metric.
+
+    per_seed: {seed: {row: result}}, a result being an evaluator's metrics (nested caption results
+    are flattened: "two_stage/rsum"); counts (num_*) are left out. Rows are what was evaluated,
+    e.g. "eval" (test, last epoch) and "eval@best" (test at the best-on-validation checkpoint).
+    Returns {"seeds": [...], "rows": {row: {metric: {"mean", "std", "values"}}}}; std is the
+    sample standard deviation (ddof=1; None for one seed). A row some seed lacks is left out.
+    """
+    seeds = sorted(per_seed)
+    if not seeds:
+        raise ValueError("summarize_seeds: no seed results")
+    rows = {}
+    for row in per_seed[seeds[0]]:
+        if not all(row in per_seed[s] for s in seeds):
+            continue
+        flats = [flatten_metrics(per_seed[s][row]) for s in seeds]
+        metrics = {}
+        for key in flats[0]:
+            if key.split("/")[-1].startswith("num_") or not all(key in f for f in flats):
+                continue
+            values = [float(f[key]) for f in flats]
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            metrics[key] = {"mean": float(np.mean(values)), "std": std, "values": values}
+        rows[row] = metrics
+    return {"seeds": seeds, "rows": rows}
+
+
+def seeds_table(summary: Mapping[str, Any]) -> str:
+    """`summarize_seeds` output as a markdown table: one line per row, mean ± std per metric
+    (person metrics in their usual order first)."""
+    lines = [f"Mean ± std (sample, ddof=1) over seeds {', '.join(map(str, summary['seeds']))}"]
+    for row, metrics in summary["rows"].items():
+        keys = [k for k in PERSON_METRICS if k in metrics] + [k for k in metrics if k not in PERSON_METRICS]
+        cell = lambda m: f"{m['mean']:.2f}" + (f" ± {m['std']:.2f}" if m["std"] is not None else "")  # noqa: E731
+        lines += ["", f"| {row} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
+                  "| mean ± std | " + " | ".join(cell(metrics[k]) for k in keys) + " |"]
+        lines += [f"| seed {s} | " + " | ".join(f"{metrics[k]['values'][i]:.2f}" for k in keys) + " |"
+                  for i, s in enumerate(summary["seeds"])]
+    return "\n".join(lines) + "\n"
+
+
 class Evaluator:
     """Encodes the eval split with the current params and computes the metrics of one kind.
 

@@ -11,6 +11,14 @@ family (xmr_jax.models.families); this file holds nothing specific to one.
 --workdir may be local or on any filesystem etils.epath knows (gs://bucket/run, ...): config,
 metrics.jsonl, TensorBoard, evaluation reports and checkpoints all go there.
 Training writes config.json/.txt, metrics.jsonl, tensorboard/, eval_metrics.json, checkpoints/.
+Model selection (config.select, e.g. eval="val", metric="R1", mode="max"): the parameters of the
+best result of that evaluator are kept in best/ (apart from checkpoints/, which keeps the newest
+N); after training every other evaluator also runs on them ({prefix}_best_metrics.json), and
+selection.json gives the test metrics at the best and at the last epoch (or says that there is no
+selection: config.select.eval "" reports the last epoch, e.g. ICFG-PEDES, which has no val split).
+Several seeds: --seeds=1,2,3 trains and evaluates in WORKDIR/seed_N for each, then writes
+seeds.md / seeds.json (mean ± std of every metric, at the last epoch and, with selection, at the
+best checkpoint: rows "eval" and "eval@best"). A rerun skips finished seeds.
 --mode=eval checks the checkpoint before it writes anything, then writes only its own files:
 eval_config.json/.txt and eval_checkpoint_metrics.json (never the training run's config.json).
 
@@ -47,6 +55,9 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, config an
 flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval"], "What to run.")
 flags.DEFINE_string("checkpoint", None, "eval mode: a workdir or checkpoints folder to evaluate (default "
                     "--workdir), or a reference checkpoint file the model family imports (IRRA: best.pth).")
+flags.DEFINE_string("seeds", None, "Train and evaluate once per seed (comma-separated, e.g. 1,2,3) in "
+                    "WORKDIR/seed_N each, then write WORKDIR/seeds.md and seeds.json: mean +- std of the "
+                    "metrics. A rerun skips finished seeds and resumes an unfinished one.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -85,6 +96,8 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
     train.validate_config(config)
     family = get_family(config.model_family)
     specs = evaluate.evaluator_specs(config)
+    rule = evaluate.selection_rule(config, specs) if mode == "train_and_eval" else None
+    best = checkpoints.BestCheckpoint(workdir, rule.spec.name, rule.metric, rule.mode) if rule else None
     import_file = None
     if mode == "eval":  # find what to evaluate before anything is built or written
         source = checkpoint or workdir
@@ -110,16 +123,22 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
 
     evaluators = {}  # one per (evaluator, model, mesh): its jitted encoders compile once for all runs
 
-    def evaluate_and_report(spec, model, mesh, params, step: int) -> dict:
+    def evaluate_and_report(spec, model, mesh, params, step: int, name: str | None = None, extra=None) -> dict:
         if (spec.name, model, mesh) not in evaluators:
             evaluators[spec.name, model, mesh] = evaluate.Evaluator.for_config(model, mesh, *splits[spec.name],
                                                                                config, spec=spec)
         result = evaluators[spec.name, model, mesh].run(params)
-        table = write_report(result, workdir, step, writer, report_names[spec.name], extra=evaluated)
+        table = write_report(result, workdir, step, writer, name or report_names[spec.name],
+                             extra=extra if extra is not None else evaluated)
         if writer is not None:
             writer.flush()
         if is_chief:
             print("\n" + table, flush=True)
+        if best is not None and spec == rule.spec:  # model selection: keep the best parameters
+            value = evaluate.selected_value(rule, result)
+            if best.offer(step, params, value) and is_chief:
+                print(f"New best {rule.spec.prefix} {rule.metric} = {value:.2f} at step {step}: parameters "
+                      f"kept in {best.directory}", flush=True)
         return result
 
     def periodic_eval(model, mesh, params, step: int) -> None:
@@ -155,6 +174,12 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
             evaluated["checkpoint"] = logging_utils.path_str(checkpoint or workdir)
 
         results = {spec.name: evaluate_and_report(spec, model, mesh, params, step) for spec in specs}
+        if mode == "train_and_eval":
+            selection = _report_selection(config, rule, best, specs, results, step, workdir,
+                                          lambda spec, p, s, name, extra: evaluate_and_report(
+                                              spec, model, mesh, p, s, name, extra))
+            if rule is not None:
+                results["selection"] = selection
     finally:
         if writer is not None:
             writer.close()
@@ -163,6 +188,64 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
             print(f"Metrics written to {logging_utils.join(workdir, report_names[spec.name] + '_metrics.json')}",
                   flush=True)
     return results
+
+
+def _report_selection(config, rule, best, specs, results: dict, step: int, workdir: str, evaluate_at) -> dict:
+    """After train_and_eval: the test metrics at the best-on-validation checkpoint and at the last
+    epoch. Writes WORKDIR/selection.json and, for each evaluator but the selecting one,
+    WORKDIR/{prefix}_best_metrics.json; prints a summary. Without a rule (config.select.eval is
+    "", e.g. ICFG-PEDES, which has no validation split) selection.json says so and that the last
+    epoch is reported.
+
+    evaluate_at(spec, params, step, report name, extra) -> result. Returns the selection.json
+    content: {"select", "best_step", "best_value", "last_step", "at_best": {evaluator: result},
+    "at_last": {evaluator: result}} (or {"select": None, "note", "last_step"}).
+    """
+    import json
+
+    import jax
+
+    from xmr_jax import evaluate, logging_utils
+
+    is_chief = jax.process_index() == 0
+    if rule is None:
+        note = config.get("select", {}).get("note", "") or "config.select.eval is empty"
+        summary = {"select": None, "note": f"no model selection ({note}): the test metrics are those of the "
+                   "last epoch", "last_step": step}
+    elif best.record is None:  # the selection metric was never finite
+        summary = {"select": {"eval": rule.spec.name, "metric": rule.metric, "mode": rule.mode},
+                   "note": f"no finite {rule.metric} on config.evals.{rule.spec.name}: no best checkpoint; the "
+                   "test metrics are those of the last epoch", "last_step": step}
+    else:
+        best_step = int(best.record["step"])
+        others = [spec for spec in specs if spec != rule.spec]
+        extra = {"selected_by": f"{rule.spec.prefix} {rule.metric} ({rule.mode})", "best_step": best_step,
+                 "best_value": best.record["value"]}
+        if best_step == step:  # the last epoch is the best: its results are those already computed
+            at_best = {spec.name: results[spec.name] for spec in others}
+            for spec in others:
+                write_report(results[spec.name], workdir, step, None, spec.prefix + "_best", extra=extra)
+        else:
+            params, _ = best.load_params()
+            at_best = {spec.name: evaluate_at(spec, params, best_step, spec.prefix + "_best", extra)
+                       for spec in others}
+        summary = {"select": {"eval": rule.spec.name, "metric": rule.metric, "mode": rule.mode},
+                   "best_step": best_step, "best_value": best.record["value"], "last_step": step,
+                   "at_best": at_best, "at_last": {spec.name: results[spec.name] for spec in others}}
+    if is_chief:
+        logging_utils.write_text(logging_utils.join(workdir, "selection.json"), json.dumps(summary, indent=2))
+        if "at_best" in summary:
+            lines = [f"Model selection by {rule.spec.prefix} {rule.metric} ({rule.mode}): best step "
+                     f"{summary['best_step']} ({rule.metric} = {summary['best_value']:.2f}), last step {step}"]
+            for name, result in summary["at_best"].items():
+                flat, last = evaluate.flatten_metrics(result), evaluate.flatten_metrics(summary["at_last"][name])
+                keys = [k for k in flat if not k.split("/")[-1].startswith("num_")]
+                lines.append(f"  {name} at best: " + ", ".join(f"{k} {flat[k]:.2f}" for k in keys))
+                lines.append(f"  {name} at last: " + ", ".join(f"{k} {last[k]:.2f}" for k in keys))
+            print("\n".join(lines), flush=True)
+        else:
+            print(f"Model selection: {summary['note']}.", flush=True)
+    return summary
 
 
 def write_report(result, workdir: str, step: int, writer=None, name: str = "eval", extra=None) -> str:
@@ -208,6 +291,84 @@ def _import_checkpoint(family, path: str, config):
             raise UserError(f"--checkpoint={path}: could not be read as {family.checkpoint_format} "
                             f"(torch.load, weights only: {type(cause).__name__})") from e
         raise UserError(f"--checkpoint={path}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+
+SEED_RESULTS = "seed_results.json"  # in WORKDIR/seed_N once that seed's run has finished
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"1,2,3" -> [1, 2, 3]; UserError (one line, naming --seeds) for anything else: empty items,
+    non-integers, negative or repeated seeds."""
+    items = [t.strip() for t in str(text).split(",")]
+    usage = "expected distinct integers >= 0 separated by commas, e.g. --seeds=1,2,3"
+    if not items or any(not t for t in items):
+        raise UserError(f"--seeds={text}: empty seed; {usage}")
+    seeds = []
+    for t in items:
+        try:
+            seed = int(t)
+        except ValueError:
+            raise UserError(f"--seeds={text}: {t!r} is not an integer; {usage}") from None
+        if seed < 0:
+            raise UserError(f"--seeds={text}: {seed} is negative; {usage}")
+        if seed in seeds:
+            raise UserError(f"--seeds={text}: {seed} is repeated; {usage}")
+        seeds.append(seed)
+    return seeds
+
+
+def seed_rows(results: dict) -> dict:
+    """run_experiment's results -> {row: result} for the seeds table: each evaluator at the last
+    epoch under its name, and with model selection each other evaluator at the best checkpoint as
+    "{name}@best"."""
+    rows = {name: r for name, r in results.items() if name != "selection"}
+    rows.update({f"{name}@best": r for name, r in results.get("selection", {}).get("at_best", {}).items()})
+    return rows
+
+
+def run_seeds(config, workdir: str, seeds: list[int]) -> dict:
+    """train_and_eval once per seed (config.seed = N) in WORKDIR/seed_N, then writes
+    WORKDIR/seeds.json (`evaluate.summarize_seeds`: mean, std and values per row and metric) and
+    WORKDIR/seeds.md (its table). A seed whose WORKDIR/seed_N/seed_results.json exists is finished
+    and not run again (remove the folder to rerun it); an unfinished one resumes from its
+    checkpoints. Preempted (exit 75) stops at the seed running; returns the summary."""
+    import json
+
+    import jax
+
+    from xmr_jax import evaluate, logging_utils
+
+    is_chief = jax.process_index() == 0
+    per_seed = {}
+    for seed in seeds:
+        seed_dir = logging_utils.join(workdir, f"seed_{seed}")
+        done = logging_utils.as_path(logging_utils.join(seed_dir, SEED_RESULTS))
+        if done.exists():
+            per_seed[seed] = json.loads(done.read_text())["rows"]
+            if is_chief:
+                print(f"seed {seed}: finished earlier ({done}); not run again", flush=True)
+            continue
+        if is_chief:
+            print(f"seed {seed}: training in {seed_dir}", flush=True)
+        seeded = config.copy_and_resolve_references()
+        seeded.seed = seed
+        try:
+            results = run_experiment(seeded, seed_dir, "train_and_eval")
+        except Preempted as e:
+            raise Preempted(f"seed {seed}: {e}") from e
+        per_seed[seed] = seed_rows(results)
+        if is_chief:
+            logging_utils.write_text(str(done), json.dumps({"seed": seed, "rows": per_seed[seed]}, indent=2))
+    summary = evaluate.summarize_seeds(per_seed)
+    table = evaluate.seeds_table(summary)
+    if is_chief:
+        logging_utils.write_text(logging_utils.join(workdir, "seeds.json"), json.dumps(summary, indent=2))
+        logging_utils.write_text(logging_utils.join(workdir, "seeds.md"), table)
+        print("\n" + table + f"Written to {logging_utils.join(workdir, 'seeds.md')} and seeds.json", flush=True)
+    return summary
 
 
 # ----------------------------------------------------------------------------- cheap checks
@@ -362,17 +523,24 @@ def _signals_stop_with_preempted():
 
 
 def run_main(config, workdir: str, mode: str = "train_and_eval", checkpoint: str | None = None,
-             distributed: tuple | None = None) -> int:
+             distributed: tuple | None = None, seeds: list[int] | None = None) -> int:
     """What `python -m xmr_jax.main` does after flag parsing; returns the exit status and prints
-    one line on stderr for every failure (no traceback)."""
+    one line on stderr for every failure (no traceback). seeds: run `run_seeds` instead of one
+    run (train_and_eval only)."""
     try:
+        if seeds is not None and mode != "train_and_eval":
+            raise UserError(f"--seeds needs --mode=train_and_eval (got --mode={mode}): each seed is trained "
+                            "and evaluated")
         workdir = check_inputs(workdir, mode, checkpoint)
         with _signals_stop_with_preempted():
             if distributed is not None:
                 from xmr_jax import parallel
 
                 parallel.initialize_distributed(*distributed)
-            run_experiment(config, workdir, mode, checkpoint)
+            if seeds is not None:
+                run_seeds(config, workdir, seeds)
+            else:
+                run_experiment(config, workdir, mode, checkpoint)
         return 0
     except Preempted as e:
         print(f"stopped: {e}. Exit status {EXIT_PREEMPTED}: resubmit the same command to resume.",
@@ -410,7 +578,14 @@ def main(argv):
     if not FLAGS["verbosity"].present:  # orbax/tfds INFO lines would bury the progress bar
         logging.set_verbosity(logging.WARNING)
     distributed = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    return run_main(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.checkpoint, distributed=distributed)
+    seeds = None
+    if FLAGS.seeds is not None:
+        try:
+            seeds = parse_seeds(FLAGS.seeds)
+        except UserError as e:
+            _exit_usage(str(e))
+    return run_main(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.checkpoint, distributed=distributed,
+                    seeds=seeds)
 
 
 def run(argv=None):
