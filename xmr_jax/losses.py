@@ -338,3 +338,89 @@ def cmc_loss(
     gap = jnp.abs(t @ t.T - v @ v.T)
     intra = jnp.sum(jax.nn.relu(jnp.max(gap, axis=0) - slack))
     return inter_global + intra + inter_local
+
+
+# ----------------------------------------------------------------------------- SigLIP sigmoid loss
+
+__all__ += ["sigmoid_loss", "chunked_sigmoid_loss"]
+
+
+def _sigmoid_block(image_feats, text_feats, image_ids, text_ids, logit_scale, logit_bias) -> jax.Array:
+    """Sum over all pairs of -log sigmoid(label * (exp(t') cos + b)), label +1 where ids match.
+
+    image_feats [Bi, D], text_feats [Bt, D] (unit norm, float32), ids int [Bi] / [Bt] -> float32 []."""
+    logits = image_feats @ text_feats.T * jnp.exp(logit_scale) + logit_bias
+    labels = jnp.where(image_ids[:, None] == text_ids[None, :], 1.0, -1.0)
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
+
+
+def _sigmoid_inputs(image_feats, text_feats, ids, fn: str):
+    _check_pair(image_feats, text_feats, fn)
+    batch = jnp.shape(image_feats)[0]
+    if ids is None:
+        ids = jnp.arange(batch, dtype=jnp.int32)
+    _check_ids(ids, batch, "ids", fn)
+    return l2_normalize(_f32(image_feats)), l2_normalize(_f32(text_feats)), jnp.asarray(ids)
+
+
+def sigmoid_loss(image_feats, text_feats, logit_scale, logit_bias, ids=None) -> jax.Array:
+    """SigLIP's pairwise sigmoid loss over all B x B pairs (dense, one device's view).
+
+    loss = -(1/B) sum_{i,j} log sigmoid(z_ij (exp(t') <x_i, y_j> + b)), x, y the L2-normalized
+    image / text features, z_ij = +1 for a positive pair and -1 otherwise.
+
+    Args:
+      image_feats, text_feats: [B, D] unnormalized (row i of each is pair i).
+      logit_scale: t', the log temperature, float []; logit_bias: b, float [].
+      ids: int [B] or None. None: the positives are the pairs (i, i) (SigLIP); otherwise every pair
+        with ids[i] == ids[j] is positive (e.g. person ids: all images and captions of a person).
+    Returns:
+      float32 [].
+    """
+    x, y, ids = _sigmoid_inputs(image_feats, text_feats, ids, "sigmoid_loss")
+    return _sigmoid_block(x, y, ids, ids, _f32(logit_scale), _f32(logit_bias)) / x.shape[0]
+
+
+def chunked_sigmoid_loss(image_feats, text_feats, logit_scale, logit_bias, mesh, ids=None,
+                         axes: tuple[str, ...] = ("data", "fsdp")) -> jax.Array:
+    """`sigmoid_loss`, computed in chunks across the devices of `mesh` (SigLIP's 'chunked' loss).
+
+    The batch rows are split over the mesh axes `axes` (the batch sharding). Each device keeps its
+    B/n images and, n times, scores them against one device's B/n texts, then passes those texts
+    (and their ids) to its neighbour along the axes with `jax.lax.ppermute`; the partial sums are
+    added with `psum`. No device holds the B x D text matrix or a B x B logits matrix, only B/n x B/n
+    blocks. Equal to `sigmoid_loss` on the same inputs (value and gradient).
+
+    Args: as `sigmoid_loss`, plus mesh (jax.sharding.Mesh; B divisible by the product of the
+      `axes` sizes) and axes (mesh axes the batch is sharded over).
+    Returns: float32 [] (replicated).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    x, y, ids = _sigmoid_inputs(image_feats, text_feats, ids, "chunked_sigmoid_loss")
+    axes = tuple(axes)
+    n = 1
+    for a in axes:
+        if a not in mesh.shape:
+            raise ValueError(f"chunked_sigmoid_loss: axis {a!r} is not a mesh axis {tuple(mesh.shape)}")
+        n *= mesh.shape[a]
+    batch = x.shape[0]
+    if batch % n:
+        raise ValueError(f"chunked_sigmoid_loss: batch {batch} is not divisible by the {n} devices of axes {axes}")
+    perm = [(i, (i + 1) % n) for i in range(n)]
+
+    def local(x, y, ids_img, ids_txt, t, b):
+        total = _sigmoid_block(x, y, ids_img, ids_txt, t, b)
+
+        def step(_, carry):
+            y, ids_txt, total = carry
+            y = jax.lax.ppermute(y, axes, perm)
+            ids_txt = jax.lax.ppermute(ids_txt, axes, perm)
+            return y, ids_txt, total + _sigmoid_block(x, y, ids_img, ids_txt, t, b)
+
+        _, _, total = jax.lax.fori_loop(1, n, step, (y, ids_txt, total))
+        return jax.lax.psum(total, axes) / batch
+
+    rows = P(axes)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, rows, P(), P()), out_specs=P())
+    return fn(x, y, ids, ids, _f32(logit_scale), _f32(logit_bias))
