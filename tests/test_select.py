@@ -116,3 +116,7 @@ def test_train_and_eval_reports_test_at_the_best_and_at_the_last_epoch(tmp_path)
     assert _reference_eval(config, workdir / "best", steps=best_step) == pytest.approx(
         {k: at_best[k] for k in METRICS}, abs=1e-6)
     assert {k: selection["at_best"]["eval"][k] for k in METRICS} == pytest.approx({k: at_best[k] for k in METRICS})
+    # The best folder is what --mode=eval --checkpoint=WORKDIR/best evaluates.
+    again = run_experiment(config, str(tmp_path / "eval_best"), "eval", checkpoint=str(workdir / "best"))["eval"]
+    assert {k: again[k] for k in METRICS} == pytest.approx({k: at_best[k] for k in METRICS}, abs=1e-6)
+    assert json.load(open(tmp_path / "eval_best" / "eval_checkpoint_metrics.json"))["step"] == best_step
