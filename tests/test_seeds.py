@@ -58,6 +58,13 @@ def test_summary_mean_and_sample_std():
     assert "| mean ± std | 300.00 |" in evaluate.seeds_table(caption)
 
 
+def test_rows_are_each_evaluator_at_the_last_epoch_and_the_others_at_the_best():
+    results = {"eval": {"R1": 1.0}, "val": {"R1": 2.0},
+               "selection": {"best_step": 6, "at_best": {"eval": {"R1": 3.0}}, "at_last": {"eval": {"R1": 1.0}}}}
+    assert main_lib.seed_rows(results) == {"eval": {"R1": 1.0}, "val": {"R1": 2.0}, "eval@best": {"R1": 3.0}}
+    assert main_lib.seed_rows({"eval": {"R1": 1.0}}) == {"eval": {"R1": 1.0}}
+
+
 def test_seeds_run_summarize_and_resume_after_preemption(tmp_path, monkeypatch, capsys):
     config = demo_config(tmp_path / "tfds")
     config.num_epochs, config.eval_every_epochs = 1, 0  # 6 steps, one evaluation per seed

@@ -34,6 +34,17 @@ def test_best_checkpoint_keeps_only_the_best_and_survives_a_rerun(tmp_path):
     params, step = best.load_params()
     assert step == 8
     np.testing.assert_array_equal(np.asarray(params["w"]), _params(3.0)["w"])
+    # Restored into the shardings of a given tree (the trained params): w split over 2 devices.
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
+    like = {"w": jax.device_put(np.zeros((3, 2), np.float32), NamedSharding(mesh, P(None, "data"))),
+            "b": jax.device_put(np.zeros(2, np.float32), NamedSharding(mesh, P()))}
+    placed, step = best.load_params(like=like)
+    assert step == 8 and placed["w"].sharding == like["w"].sharding
+    assert [s.data.shape for s in placed["w"].addressable_shards] == [(3, 1), (3, 1)]
+    np.testing.assert_array_equal(np.asarray(placed["b"]), _params(3.0)["b"])
     assert json.load(open(tmp_path / "best" / "best.json")) == {
         "step": 8, "eval": "val", "metric": "R1", "mode": "max", "value": 20.0}
     # A rerun (resume) compares against the earlier run's best.

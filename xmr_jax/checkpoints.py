@@ -426,12 +426,25 @@ class BestCheckpoint:
             logging_utils.write_text(self._record_path, json.dumps(self.record, indent=2))
         return True
 
-    def load_params(self) -> tuple[PyTree, int]:
-        """(params, step) of the recorded best (replicated over all devices); FileNotFoundError
-        when none was saved."""
+    def load_params(self, like: PyTree | None = None) -> tuple[PyTree, int]:
+        """(params, step) of the recorded best; FileNotFoundError when none was saved.
+
+        like: a params tree (jax.Arrays, e.g. the trained ones) whose shardings the restored
+        leaves take (no device holds more than its shards; jitted functions of the trained
+        params run on them without recompiling); default: replicated over all devices.
+        """
         if self.record is None:
             raise FileNotFoundError(f"{self.directory}: no best checkpoint was saved")
-        return load_params(self.directory, step=int(self.record["step"]))
+        step = int(self.record["step"])
+        if like is None:
+            return load_params(self.directory, step=step)
+        item = abstract_like(like)
+        args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), item)
+        with _reader(logging_utils.join(self.directory, "checkpoints")) as mngr:
+            out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item={"params": item}, restore_args={"params": args}, partial_restore=True)))
+        return out["state"]["params"], step
 
 
 # ----------------------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
 
         results = {spec.name: evaluate_and_report(spec, model, mesh, params, step) for spec in specs}
         if mode == "train_and_eval":
-            selection = _report_selection(config, rule, best, specs, results, step, workdir,
+            selection = _report_selection(config, rule, best, specs, results, step, workdir, params,
                                           lambda spec, p, s, name, extra: evaluate_and_report(
                                               spec, model, mesh, p, s, name, extra))
             if rule is not None:
@@ -190,13 +190,15 @@ def run_experiment(config, workdir: str, mode: str = "train_and_eval", checkpoin
     return results
 
 
-def _report_selection(config, rule, best, specs, results: dict, step: int, workdir: str, evaluate_at) -> dict:
+def _report_selection(config, rule, best, specs, results: dict, step: int, workdir: str, params,
+                      evaluate_at) -> dict:
     """After train_and_eval: the test metrics at the best-on-validation checkpoint and at the last
     epoch. Writes WORKDIR/selection.json and, for each evaluator but the selecting one,
     WORKDIR/{prefix}_best_metrics.json; prints a summary. Without a rule (config.select.eval is
     "", e.g. ICFG-PEDES, which has no validation split) selection.json says so and that the last
     epoch is reported.
 
+    params: the last epoch's (the best ones are restored into their shardings).
     evaluate_at(spec, params, step, report name, extra) -> result. Returns the selection.json
     content: {"select", "best_step", "best_value", "last_step", "at_best": {evaluator: result},
     "at_last": {evaluator: result}} (or {"select": None, "note", "last_step"}).
@@ -226,7 +228,7 @@ def _report_selection(config, rule, best, specs, results: dict, step: int, workd
             for spec in others:
                 write_report(results[spec.name], workdir, step, None, spec.prefix + "_best", extra=extra)
         else:
-            params, _ = best.load_params()
+            params, _ = best.load_params(like=params)
             at_best = {spec.name: evaluate_at(spec, params, best_step, spec.prefix + "_best", extra)
                        for spec in others}
         summary = {"select": {"eval": rule.spec.name, "metric": rule.metric, "mode": rule.mode},
