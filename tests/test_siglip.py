@@ -188,3 +188,36 @@ def test_siglip_family_validation_names_the_field(siglip_registered):
     config.data.context_length = 77
     with pytest.raises(ValueError, match="config.data.context_length=77 differs"):
         train.validate_config(config)
+
+
+def test_local_tokenizer_folder_gives_padded_ids(siglip_registered, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<pad>": 1, "<unk>": 2, "a": 3, "man": 4, "in": 5, "red": 6, "</s>": 7, "<x>": 0}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(tmp_path)
+    config = _siglip_config()
+    config.model.tokenizer = str(tmp_path)
+    spec = siglip_registered.text(config)
+    ids = spec.tokenizer(6).encode(["a man in red", "a dog"])
+    np.testing.assert_array_equal(ids, [[3, 4, 5, 6, 1, 1], [3, 2, 1, 1, 1, 1]])
+    assert ids.dtype == np.int32
+    np.testing.assert_array_equal(spec.pad_caption(6), [1] * 6)
+    config.model.tokenizer = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="config.model.tokenizer="):
+        train.validate_config(config)
+
+
+def test_siglip_configs_build_and_name_a_missing_checkpoint(siglip_registered):
+    from configs.irra import cuhk_pedes_siglip
+    from configs.siglip import flickr30k
+
+    person = cuhk_pedes_siglip.get_config("init=/nonexistent/siglip,batch_size=8")
+    assert (person.model_family, person.loss_names, person.model.positives) == ("siglip", "sigmoid+id", "pid")
+    assert person.model.tokenizer == "/nonexistent/siglip" and person.data.image_size == (384, 128)
+    caption = flickr30k.get_config("init=/nonexistent/siglip")
+    assert (caption.loss_names, caption.model.positives, caption.evals.eval.kind) == ("sigmoid", "image_id", "caption")
+    for config in (person, caption):
+        with pytest.raises(FileNotFoundError, match="config.model.init_checkpoint='/nonexistent/siglip'"):
+            siglip_registered.validate(config)

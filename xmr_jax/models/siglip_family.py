@@ -88,16 +88,46 @@ def parse_loss_names(loss_names: str) -> tuple[str, ...]:
     return names
 
 
+class _Shape:
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def _weight_shapes(folder: str) -> dict:
+    """{key: object with .shape} of a HF folder's weights: safetensors headers only (no tensor is
+    read), else the loaded state dict (pytorch_model.bin)."""
+    import json
+
+    names = []
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        names = ["model.safetensors"]
+    elif os.path.isfile(index):
+        with open(index) as fh:
+            names = sorted(set(json.load(fh)["weight_map"].values()))
+    if not names:
+        from xmr_jax.convert.hf import load_hf_state_dict
+
+        return load_hf_state_dict(folder)
+    from safetensors import safe_open
+
+    shapes = {}
+    for name in names:
+        with safe_open(os.path.join(folder, name), framework="np") as fh:
+            for key in fh.keys():
+                shapes[key] = _Shape(fh.get_slice(key).get_shape())
+    return shapes
+
+
 def _checkpoint_fields(folder: str) -> dict:
-    """The SigLIP fields a HF folder's config + weight shapes give (reads the weights' headers)."""
-    from xmr_jax.convert.hf import load_hf_state_dict
+    """The SigLIP fields a HF folder's config.json and weight shapes give."""
+    import json
+
     from xmr_jax.convert.siglip import siglip_fields
 
     with open(os.path.join(folder, "config.json")) as fh:
-        import json
-
         cfg = json.load(fh)
-    fields, source = siglip_fields(load_hf_state_dict(folder), cfg)
+    fields, source = siglip_fields(_weight_shapes(folder), cfg)
     fields["image_size"] = source
     return fields
 
