@@ -174,6 +174,28 @@ def test_siglip_family_trains_two_steps_from_a_hf_folder(siglip_registered, hf_f
     moved = np.asarray(result.state.params["base_model"]["logit_bias"])
     assert moved != np.float32(hf_params["logit_bias"])
 
+    # the person evaluator encodes with the SigLIP towers: its metrics are those of the cosine
+    # similarity of the trained globals
+    from tests.train_fixtures import reference_person_metrics
+    from xmr_jax import evaluate
+    from xmr_jax.similarity import l2_normalize
+
+    trained = jax.device_get(result.state.params)
+    valid = np.ones(8, bool)
+    gallery = lambda: iter([{"images": batch["images"], "pids": batch["pids"], "image_ids": batch["image_ids"],
+                             "valid": valid}])
+    queries = lambda: iter([{"text_ids": batch["text_ids"], "pids": batch["pids"], "image_ids": batch["image_ids"],
+                             "valid": valid}])
+    evaluator = evaluate.Evaluator.for_config(model, parallel.make_mesh(-1, 1), gallery, queries, config)
+    assert evaluator.kind == "person"
+    metrics = evaluator.run(trained)
+    img = model.apply({"params": trained}, batch["images"], method="encode_image")[0]
+    txt = model.apply({"params": trained}, batch["text_ids"], method="encode_text")[0]
+    sim = np.asarray(l2_normalize(txt) @ l2_normalize(img).T)
+    want_metrics = reference_person_metrics(sim, batch["pids"], batch["pids"])
+    for key, value in want_metrics.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-3), key
+
 
 def test_siglip_family_validation_names_the_field(siglip_registered):
     config = _siglip_config()
