@@ -246,7 +246,7 @@ def _report_selection(config, rule, best, specs, results: dict, step: int, workd
                 lines.append(f"  {name} at last: " + ", ".join(f"{k} {last[k]:.2f}" for k in keys))
             print("\n".join(lines), flush=True)
         else:
-            print(f"Model selection: {summary['note']}.", flush=True)
+            print(summary["note"][:1].upper() + summary["note"][1:] + ".", flush=True)
     return summary
 
 
