@@ -243,3 +243,31 @@ def test_siglip_configs_build_and_name_a_missing_checkpoint(siglip_registered):
     for config in (person, caption):
         with pytest.raises(FileNotFoundError, match="config.model.init_checkpoint='/nonexistent/siglip'"):
             siglip_registered.validate(config)
+
+
+def test_caption_evaluator_runs_on_siglip_towers(siglip_registered):
+    """config.evals kind "caption" (configs/siglip/flickr30k.py): global R@K both ways equal those
+    of the towers' cosine similarity (one caption per image here)."""
+    from xmr_jax import evaluate
+    from xmr_jax.similarity import l2_normalize
+
+    config = _siglip_config()
+    config.loss_names = "sigmoid"
+    config.evals.eval.kind = "caption"
+    spec = [s for s in evaluate.evaluator_specs(config) if s.name == "eval"][0]
+    model = siglip_registered.build(config)
+    params = train.init_params(model, config, jax.random.PRNGKey(0))
+    batch, valid = batch_for_step(1), np.ones(8, bool)
+    keys = ("pids", "image_ids")
+    gallery = lambda: iter([{"images": batch["images"], **{k: batch[k] for k in keys}, "valid": valid}])
+    queries = lambda: iter([{"text_ids": batch["text_ids"], **{k: batch[k] for k in keys}, "valid": valid}])
+    evaluator = evaluate.Evaluator.for_config(model, parallel.make_mesh(-1, 1), gallery, queries, config, spec)
+    assert evaluator.kind == "caption"
+    got = evaluator.run(params)["global"]
+    img = model.apply({"params": params}, batch["images"], method="encode_image")[0]
+    txt = model.apply({"params": params}, batch["text_ids"], method="encode_text")[0]
+    sim = np.asarray(l2_normalize(img) @ l2_normalize(txt).T)  # [image, caption], caption i of image i
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        rank = np.array([np.sum(row > row[i]) for i, row in enumerate(s)])  # 0 = the match is first
+        for k in (1, 5, 10):
+            assert got[f"{name}_R{k}"] == pytest.approx(100.0 * np.mean(rank < k)), (name, k)
