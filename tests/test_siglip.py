@@ -271,3 +271,21 @@ def test_caption_evaluator_runs_on_siglip_towers(siglip_registered):
         rank = np.array([np.sum(row > row[i]) for i, row in enumerate(s)])  # 0 = the match is first
         for k in (1, 5, 10):
             assert got[f"{name}_R{k}"] == pytest.approx(100.0 * np.mean(rank < k)), (name, k)
+
+
+def test_family_loss_runs_chunked_on_the_mesh_in_context(siglip_registered):
+    """Under `jax.set_mesh` (here 4 of the 8 devices) the family's chunked loss runs on that mesh."""
+    config = _siglip_config()
+    config.loss_names = "sigmoid"
+    x, y, ids = _features(8, 8)
+    rows = {"image_feats": x, "text_feats": y, "pids": ids}
+    want = losses.sigmoid_loss(x, y, 1.1, -2.0, ids=ids)
+    mesh = parallel.make_mesh(4, 1, devices=jax.devices()[:4])
+    loss = siglip_registered.loss_fn(config)
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(rows, parallel.batch_sharding(mesh))
+        outputs = {"image_feats": placed["image_feats"], "text_feats": placed["text_feats"],
+                   "logit_scale": np.float32(1.1), "logit_bias": np.float32(-2.0)}
+        got, parts = jax.jit(loss)(outputs, {"pids": placed["pids"]})
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    assert set(parts) == {"sigmoid_loss"}

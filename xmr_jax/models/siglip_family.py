@@ -10,7 +10,9 @@ Config (beside the trainer-wide fields):
                          pytorch_model.bin), or "" for a random init.
   model.sigmoid_impl     "chunked" (default): the loss in blocks across the batch devices, each
                          device's text embeddings passed around the mesh with ppermute
-                         (losses.chunked_sigmoid_loss); "dense": all B x B pairs in one matrix.
+                         (losses.chunked_sigmoid_loss; on the mesh in context, `jax.set_mesh`,
+                         else on parallel.make_mesh(mesh.data, mesh.fsdp) over all devices);
+                         "dense": all B x B pairs in one matrix.
   model.positives        "pid" (person retrieval: every image-caption pair of the same person is
                          positive, SigLIP's labels with several +1 per row), "image_id" (caption
                          retrieval: captions of the same image) or "pair" (only the diagonal, as
@@ -204,10 +206,10 @@ class SiglipFamily(families.Family):
         def loss(outputs, batch):
             ids = None if positives == "pair" else batch["pids" if positives == "pid" else "image_ids"]
             args = (outputs["image_feats"], outputs["text_feats"], outputs["logit_scale"], outputs["logit_bias"])
-            if impl == "chunked" and jax.device_count() > 1:
+            mesh = _batch_mesh(mesh_shape) if impl == "chunked" else None
+            if mesh is not None:
                 from xmr_jax import parallel
 
-                mesh = parallel.make_mesh(*mesh_shape)  # the trainer's mesh (same call, same devices)
                 value = losses.chunked_sigmoid_loss(*args, mesh, ids=ids, axes=parallel.BATCH_AXES)
             else:
                 value = losses.sigmoid_loss(*args, ids=ids)
@@ -243,6 +245,19 @@ class SiglipFamily(families.Family):
     def complete_config(self, config, train_meta) -> None:
         if "id" in parse_loss_names(config.loss_names) and config.num_classes <= 0:
             config.num_classes = train_meta.num_classes
+
+
+def _batch_mesh(mesh_shape):
+    """The mesh the chunked loss runs on: the one in context (`jax.set_mesh`) when it has the batch
+    axes, else the trainer's (`parallel.make_mesh(data, fsdp)` over all devices); None on one device."""
+    from xmr_jax import parallel
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not all(a in mesh.shape for a in parallel.BATCH_AXES):
+        if jax.device_count() == 1:
+            return None
+        mesh = parallel.make_mesh(*mesh_shape)
+    return mesh if mesh.size > 1 else None
 
 
 class HFTokenizer:
