@@ -525,13 +525,13 @@ def from_config(config, process_index: int = 0, process_count: int = 1,
     manual_dir, image_size, augment, flip, mlm_prob, train_split, eval_split, shuffle_buffer,
     context_length (default 77; must equal the text tower's).
     config.batch_size / config.eval_batch_size are GLOBAL; each process gets its share.
-    synthetic_people is built on first use; a real data set is built when data.manual_dir is set.
+    synthetic_people / synthetic_regions are built on first use; a real data set is built when data.manual_dir is set.
     """
     d = config.data
     name = f"{d.name}/{d.config_name}" if d.get("config_name") else d.name
     data_dir = d.get("data_dir") or None
     manual_dir = d.get("manual_dir") or None
-    prepare = d.name == "synthetic_people" or manual_dir is not None
+    prepare = d.name in ("synthetic_people", "synthetic_regions") or manual_dir is not None
     get_builder(name, data_dir, manual_dir=manual_dir, prepare=prepare)
     batch = _per_process(int(config.batch_size), process_count, "batch_size")
     eval_batch = _per_process(int(config.get("eval_batch_size", config.batch_size)), process_count,

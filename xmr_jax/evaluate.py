@@ -247,9 +247,14 @@ def person_retrieval(query, gallery, mesh=None) -> dict[str, float]:
 
 def caption_retrieval(query, gallery, k_t2i: int = 100, k_i2t: int = 50,
                       local_scale: float = 10.0, mesh=None,
-                      local_exhaustive: bool = True) -> dict[str, dict[str, float]]:
+                      local_exhaustive: bool = True, relevances=None,
+                      ndcg_k: int = 25) -> dict[str, dict[str, float]]:
     """Global-only, local-only and two-stage caption retrieval metrics (keys 'global', 'local'
     (only with local_exhaustive), 'two_stage').
+
+    relevances: None, or {method: [N_txt, N_img]} graded relevances (TERAN's files, captions and
+    images in the split's order, 5 captions per image): each ranking then also reports
+    i2t_ndcg_<method> / t2i_ndcg_<method> (NDCG@ndcg_k, `metrics.ndcg_metrics`; not in rsum).
 
     query (captions) / gallery (images): EncodedSplit (features on device, sharded over
     ``mesh``) or encode_split dicts. Scores are computed sharded over ``mesh`` (gallery sharded,
@@ -272,12 +277,22 @@ def caption_retrieval(query, gallery, k_t2i: int = 100, k_i2t: int = 50,
     def t2i_host(scores):           # [N_txt, N_img] -> [N_img, N_txt]
         return _to_host(scores)[np.ix_(q_rows, g_rows)].T
 
+    if relevances is not None:
+        per_image = len(q_rows) // max(len(g_rows), 1)
+        if not np.array_equal(text_to_image, np.arange(len(q_rows)) // max(per_image, 1)) or per_image < 1:
+            raise ValueError("NDCG (ndcg_relevance_dir) needs the same number of captions for every image, in "
+                             "image order, as TERAN's relevance files index them")
+
     def report(sim_i2t_for_i2t, sim_i2t_for_t2i):
         i2t = metrics_lib.caption_retrieval_metrics(sim_i2t_for_i2t, text_to_image=text_to_image)
         t2i = metrics_lib.caption_retrieval_metrics(sim_i2t_for_t2i, text_to_image=text_to_image)
         merged = {k: v for k, v in i2t.items() if k.startswith("i2t")}
         merged.update({k: v for k, v in t2i.items() if k.startswith("t2i")})
         merged["rsum"] = sum(v for k, v in merged.items() if k != "rsum")
+        if relevances is not None:
+            for sim, direction in ((sim_i2t_for_i2t, "i2t"), (sim_i2t_for_t2i, "t2i")):
+                ndcg = metrics_lib.ndcg_metrics(sim, relevances, k=ndcg_k, captions_per_image=per_image)
+                merged.update({k: v for k, v in ndcg.items() if k.startswith(direction)})  # in [0, 1]
         return merged
 
     result = {}
@@ -303,12 +318,14 @@ def caption_retrieval(query, gallery, k_t2i: int = 100, k_i2t: int = 50,
 
 def coco_1k_retrieval(query, gallery, folds: int = 5, fold_size: int = 1000, k_t2i: int = 100,
                       k_i2t: int = 50, local_scale: float = 10.0, mesh=None,
-                      local_exhaustive: bool = True) -> dict[str, dict[str, float]]:
+                      local_exhaustive: bool = True, relevances=None,
+                      ndcg_k: int = 25) -> dict[str, dict[str, float]]:
     """COCO 1K protocol: `caption_retrieval` on each fold of `fold_size` images, averaged.
 
     Fold f holds the images ranked [f * fold_size, (f + 1) * fold_size) by image id (the split's
     image order, whatever order the evaluator gathered them in) and every caption of those
-    images. Each fold is scored on its own features, so the two-stage top-k candidates come from
+    images. relevances (whole split, see `caption_retrieval`): each fold gets its block (TERAN's
+    5-fold NDCG). Each fold is scored on its own features, so the two-stage top-k candidates come from
     the fold's images / captions only (rows selected on each device, see `select_rows`). Every
     metric, rsum included, is the mean over folds (rsum is not multiplied by the number of folds).
 
@@ -335,15 +352,24 @@ def coco_1k_retrieval(query, gallery, folds: int = 5, fold_size: int = 1000, k_t
         keep_g = np.zeros(len(g.valid), bool)
         keep_g[g_rows[order[f * fold_size:(f + 1) * fold_size]]] = True
         keep_q = q.valid & np.isin(q.image_ids, fold_ids)
+        fold_rel = None
+        if relevances is not None:   # the fold's block: images ranked [f F, (f+1) F), their captions
+            per_image = len(q.rows) // n_img
+            fold_rel = {m: r[f * fold_size * per_image:(f + 1) * fold_size * per_image, f * fold_size:(f + 1) * fold_size]
+                        for m, r in relevances.items()}
         per_fold.append(caption_retrieval(select_rows(q, keep_q), select_rows(g, keep_g),
                                           k_t2i=k_t2i, k_i2t=k_i2t, local_scale=local_scale,
-                                          mesh=mesh, local_exhaustive=local_exhaustive))
+                                          mesh=mesh, local_exhaustive=local_exhaustive, relevances=fold_rel,
+                                          ndcg_k=ndcg_k))
     return {kind: {key: float(np.mean([m[kind][key] for m in per_fold])) for key in per_fold[0][kind]}
             for kind in per_fold[0]}
 
 
+# ndcg_relevance_dir: "" = no NDCG; else NDCG@ndcg_k of every ranking from TERAN's relevance files
+# {dir}/{ndcg_name}-{ndcg_split}-{rougeL,spice}.npy (xmr_jax.metrics.load_relevances).
 CAPTION_SETTINGS = {"k_t2i": 100, "k_i2t": 50, "local_scale": 10.0, "local_exhaustive": True,
-                    "coco_1k_folds": 0, "coco_1k_fold_size": 1000}
+                    "coco_1k_folds": 0, "coco_1k_fold_size": 1000, "ndcg_relevance_dir": "", "ndcg_name": "",
+                    "ndcg_split": "test", "ndcg_k": 25}
 KIND_SETTINGS = {"person": {}, "caption": CAPTION_SETTINGS}
 _SPEC_FIELDS = ("kind", "split", "every_epochs", "prefix")
 
@@ -557,6 +583,7 @@ class Evaluator:
 
         family = get_family(config.model_family)
         kind, settings = (spec.kind, spec.settings) if spec else (family.evaluator, family.eval_settings(config))
+        model = family.eval_model(model, config)
         return cls(model, mesh, kind, gallery_fn, query_fn, settings,
                    precision=config.get("precision", "float32"), image_inputs=family.image_inputs,
                    text_inputs=family.text_inputs)
@@ -578,6 +605,10 @@ class Evaluator:
             s = self.settings
             common = dict(k_t2i=int(s["k_t2i"]), k_i2t=int(s["k_i2t"]), local_scale=float(s["local_scale"]),
                           mesh=self.mesh, local_exhaustive=bool(s["local_exhaustive"]))
+            if s["ndcg_relevance_dir"]:
+                common["relevances"] = metrics_lib.load_relevances(
+                    s["ndcg_relevance_dir"], s["ndcg_name"], s["ndcg_split"], len(query), len(gallery))
+                common["ndcg_k"] = int(s["ndcg_k"])
             result = caption_retrieval(query, gallery, **common)
             folds = int(s["coco_1k_folds"] or 0)
             if folds:

@@ -90,6 +90,9 @@ def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation) 
         return params, opt_state
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        # train_step int32 [B]: the state's step on every row, for losses scheduled by step
+        batch = {**batch, "train_step": jnp.full(jax.tree.leaves(batch)[0].shape[:1], state.step, jnp.int32)}
+
         def objective(params):
             outputs = model.apply({"params": params}, batch)
             return loss_fn(outputs, batch)

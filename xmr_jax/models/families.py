@@ -28,6 +28,9 @@ A family is a `Family` object. The shared code calls only these members:
   text(config)          -> TextSpec: the tokenizer, the padding caption and whether MLM inputs are made.
   images(config)        -> ImageSpec: which data set features make the image side and how (tf.data).
   eval_settings(config) -> keyword settings of the evaluator kind (caption: k_t2i, k_i2t, ...).
+  eval_model(model, config)
+                        -> the module the evaluators encode with (default: `model`; e.g. TGDT as
+                        published switches to its test-time token set).
   complete_config(config, train_meta)
                         fills config values left to the data set (IRRA: num_classes = identities).
 
@@ -166,6 +169,9 @@ class Family:
     def eval_settings(self, config) -> dict:
         return {}
 
+    def eval_model(self, model, config):
+        return model
+
     def complete_config(self, config, train_meta) -> None:
         del config, train_meta
 
@@ -243,6 +249,7 @@ class ClipTowerFamily(Family):
 FAMILIES: dict[str, str] = {
     "irra": "xmr_jax.models.irra:FAMILY",
     "tgdt": "xmr_jax.models.tgdt_family:FAMILY",
+    "tgdt_regions": "xmr_jax.models.tgdt_regions_family:FAMILY",
 }
 _LOADED: dict[str, Family] = {}
 

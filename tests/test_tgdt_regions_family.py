@@ -1,0 +1,168 @@
+"""The tgdt_regions model family (TGDT as published) wired into the trainer, the evaluator and main:
+the embedded demo trains end to end with the negatives schedule; a checkpoint in TGDT's .pth.tar
+layout (written by tests/torch_tgdt_reference.py) evaluates through `python -m xmr_jax.main
+--mode=eval --checkpoint=...` on the flickr30k_regions fixture, its global metrics and NDCG equal
+a brute-force recomputation from the torch transcription's own features."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.tgdt import flickr30k_regions, regions_demo
+from tests import teran_fixtures as fx
+from xmr_jax import evaluate, losses, metrics, parallel, similarity, train
+from xmr_jax.models import families
+
+REPO = Path(__file__).resolve().parents[1]
+CONTEXT = 16
+
+
+def _demo_config(tmp_path, **args):
+    spec = ",".join(f"{k}={v}" for k, v in {"data": "tiny", "data_dir": tmp_path / "tfds", "epochs": 1, **args}.items())
+    config = regions_demo.get_config(spec)
+    config.progress_bar = False
+    config.param_table = False
+    config.async_checkpoints = False
+    config.log_every = 3
+    return config
+
+
+def test_negatives_schedule_switches_from_sum_to_hardest():
+    config = regions_demo.get_config("negatives_schedule=3")
+    loss_fn = families.get_family("tgdt_regions").loss_fn(config)
+    rng = np.random.default_rng(0)
+    b, li, lt, d = 4, 5, 6, 8
+    out = {"image_global": rng.normal(size=(b, d)), "text_global": rng.normal(size=(b, d)),
+           "image_tokens": rng.normal(size=(b, li, d)), "text_tokens": rng.normal(size=(b, lt, d)),
+           "image_mask": rng.random((b, li)) > 0.2, "text_mask": rng.random((b, lt)) > 0.2}
+    out = {k: jnp.asarray(v) for k, v in out.items()}
+    ids = jnp.asarray([0, 1, 1, 2])
+    local = similarity.local_similarity(out["image_tokens"], out["image_mask"], out["text_tokens"], out["text_mask"],
+                                        scale=config.tgdt.local_scale)
+    expected = {kind: losses.cmc_loss(out["image_global"], out["text_global"], local, margin=0.2, slack=0.3,
+                                      positive_mask=losses.positive_mask_from_ids(ids), negatives=kind)
+                for kind in ("sum", "hardest")}
+    assert float(expected["sum"]) != pytest.approx(float(expected["hardest"]))
+    for step, kind in ((0, "sum"), (2, "sum"), (3, "hardest"), (10, "hardest")):
+        batch = {"pids": ids, "image_ids": ids, "train_step": jnp.full((b,), step, jnp.int32)}
+        value, parts = jax.jit(loss_fn)(out, batch)
+        np.testing.assert_allclose(float(value), float(expected[kind]), rtol=1e-6)
+        assert float(parts["hardest_negatives"]) == (kind == "hardest")
+    with pytest.raises(KeyError, match="negatives_schedule"):
+        loss_fn(out, {"pids": ids, "image_ids": ids})
+
+
+def test_config_errors_name_the_field(tmp_path):
+    config = regions_demo.get_config()
+    config.tgdt.negatives_schedule = -1
+    with pytest.raises(ValueError, match=r"config.tgdt.negatives_schedule=-1"):
+        train.validate_config(config)
+    config = regions_demo.get_config()
+    config.model.vocab = str(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="missing.txt not found"):
+        train.validate_config(config)
+    config = flickr30k_regions.get_config(f"vocab={fx.write_bert_vocab(tmp_path / 'vocab.txt')},"
+                                          f"relevances={tmp_path},batch_size=32")
+    with pytest.raises(FileNotFoundError, match=r"f30k-test-rougeL.npy not found"):
+        train.validate_config(config)
+    config = flickr30k_regions.get_config("batch_size=32")
+    with pytest.raises(ValueError, match="config.model.vocab and config.model.bert_dir are both empty"):
+        train.validate_config(config)
+
+
+def test_regions_demo_trains_end_to_end_and_evaluates_with_the_test_token_set(tmp_path):
+    from xmr_jax import main
+
+    config = _demo_config(tmp_path, negatives_schedule=3)
+    family = families.get_family("tgdt_regions")
+    model = family.build(config)
+    assert model.token_set == "train" and family.eval_model(model, config).token_set == "test"
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    evaluator = evaluate.Evaluator.for_config(model, mesh, lambda: iter(()), lambda: iter(()), config)
+    assert evaluator.model.token_set == "test" and evaluator.image_inputs == ("regions", "boxes")
+
+    results = main.run_experiment(config, str(tmp_path / "work"))
+    result = results["eval"]
+    assert set(result) >= {"global", "local", "two_stage"}
+    assert result["num_gallery"] == 20 and result["num_queries"] == 100
+    for kind in ("global", "local", "two_stage"):
+        assert 0 < result[kind]["rsum"] <= 600
+    logged = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = {row["step"]: row for row in logged if row.get("split") == "train"}
+    # 60 images x 5 captions / batch 32 = 9 steps; steps 1-3 see train_step 0-2 (< 3: summed negatives),
+    # steps 4-6 train_step 3-5 (hardest)
+    assert train_rows[3]["hardest_negatives"] == 0.0 and train_rows[6]["hardest_negatives"] == 1.0
+    assert all(np.isfinite(row["loss"]) for row in train_rows.values())
+
+
+def _brute_ndcg(scores, rel, k=25):
+    """scores / rel [n_queries, n_items] -> mean NDCG@k, query by query (ties: lower index first)."""
+    out = []
+    for s, r in zip(scores, rel):
+        order = sorted(range(len(s)), key=lambda j: (-s[j], j))[:k]
+        dcg = sum((2.0 ** r[j] - 1) / np.log2(n + 2) for n, j in enumerate(order))
+        ideal = sum((2.0 ** v - 1) / np.log2(n + 2) for n, v in enumerate(sorted(r, reverse=True)[:k]))
+        out.append(dcg / ideal if ideal > 0 else 0.0)
+    return np.array(out)
+
+
+def test_released_checkpoint_layout_evaluates_through_main(tmp_path):
+    torch = pytest.importorskip("torch")
+    from data_pipelines import build
+    from tests.torch_tgdt_reference import TGDTReference, save_tgdt_checkpoint, tiny_sizes
+    from xmr_jax.wordpiece import WordPieceTokenizer
+
+    vocab = fx.write_bert_vocab(tmp_path / "vocab.txt")
+    tok = WordPieceTokenizer(vocab)
+    builder = build.build("flickr30k_regions", fx.write_flickr30k_teran(tmp_path / "manual"), tmp_path / "tfds")
+    ref = TGDTReference(tiny_sizes(region_dim=2048, region_layers=1, vocab=tok.vocab_size), seed=3)
+    ckpt = tmp_path / "model_best_rsum.pth.tar"
+    save_tgdt_checkpoint(ref, str(ckpt))
+
+    # What TGDT computes on the test split (test token set), captions padded like the pipeline's.
+    import tensorflow_datasets as tfds
+    test = sorted(tfds.as_numpy(builder.as_dataset(split="test")), key=lambda e: e["image_index"])
+    n_img = len(test)
+    regions = np.stack([e["regions"] for e in test])
+    boxes = np.stack([e["boxes"] for e in test])
+    captions = [c.decode() for e in test for c in e["captions"]]
+    ids = tok.encode(captions, max_length=CONTEXT)
+    zero = np.zeros((n_img, 1, 1))
+    out = ref(np.concatenate([zero * regions[:, :1], regions], 1), np.concatenate([zero * boxes[:, :1], boxes], 1),
+              [37] * n_img, ids, (ids != 0).sum(1), test=True)
+    sim = out["img_global"] @ out["cap_global"].T                                       # [3, 15]
+    rel = {m: np.random.default_rng(i).random((len(captions), n_img)).astype(np.float32)
+           for i, m in enumerate(("rougeL", "spice"))}
+    rel_dir = tmp_path / "relevances"
+    rel_dir.mkdir()
+    for m, r in rel.items():
+        r.tofile(rel_dir / f"f30k-test-{m}.npy")                                   # TERAN's raw memmap
+
+    workdir = tmp_path / "eval"
+    args = [f"--config={REPO}/configs/tgdt/flickr30k_regions.py:vocab={vocab},data_dir={tmp_path / 'tfds'},"
+            f"context_length={CONTEXT},relevances={rel_dir},batch_size=32,text_heads=2", f"--workdir={workdir}", "--mode=eval",
+            f"--checkpoint={ckpt}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "xmr_jax.main", *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for kind in ("global", "local", "two_stage"):
+        assert f"eval checkpoint @ step 0: {kind}" in proc.stdout
+    assert "i2t_ndcg_rougeL" in proc.stdout
+    got = json.loads((workdir / "eval_checkpoint_metrics.json").read_text())["global"]
+
+    text_to_image = np.repeat(np.arange(n_img), 5)
+    expected = metrics.caption_retrieval_metrics(sim, text_to_image=text_to_image)
+    for key in ("i2t_R1", "i2t_R5", "t2i_R1", "t2i_R5"):
+        assert got[key] == pytest.approx(expected[key]), key
+    for m, r in rel.items():
+        assert got[f"t2i_ndcg_{m}"] == pytest.approx(np.mean(_brute_ndcg(sim.T, r)), abs=1e-5)
+        i2t = _brute_ndcg(sim, r.T)
+        assert got[f"i2t_ndcg_{m}"] == pytest.approx(np.mean(i2t[i2t != 0]), abs=1e-5)
