@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.tgdt import flickr30k_regions, regions_demo
+from configs.tgdt import coco_regions, flickr30k_regions, regions_demo
 from tests import teran_fixtures as fx
 from xmr_jax import evaluate, losses, metrics, parallel, similarity, train
 from xmr_jax.models import families
@@ -166,3 +166,51 @@ def test_released_checkpoint_layout_evaluates_through_main(tmp_path):
         assert got[f"t2i_ndcg_{m}"] == pytest.approx(np.mean(_brute_ndcg(sim.T, r)), abs=1e-5)
         i2t = _brute_ndcg(sim, r.T)
         assert got[f"i2t_ndcg_{m}"] == pytest.approx(np.mean(i2t[i2t != 0]), abs=1e-5)
+
+
+def test_coco_1k_ndcg_uses_each_folds_block_of_the_relevance_files():
+    """NDCG through the evaluator's COCO 1K path: fold f scores its own images / captions against
+    rows [5 F f, 5 F (f+1)) x columns [F f, F (f+1)) of the whole-split relevance matrix."""
+    rng = np.random.default_rng(0)
+    folds, fold_size, per_image, d = 2, 4, 5, 6
+    n_img = folds * fold_size
+    img = rng.normal(size=(n_img, d)).astype(np.float32)
+    txt = (np.repeat(img, per_image, 0) + rng.normal(size=(n_img * per_image, d))).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+
+    def split(feats, image_ids):
+        n = len(feats)
+        return {"global": feats, "tokens": feats[:, None], "mask": np.ones((n, 1), bool),
+                "pids": image_ids, "image_ids": image_ids}
+
+    gallery = split(img, np.arange(n_img))
+    query = split(txt, np.repeat(np.arange(n_img), per_image))
+    rel = {"rougeL": rng.random((n_img * per_image, n_img)).astype(np.float32)}
+    got = evaluate.coco_1k_retrieval(query, gallery, folds=folds, fold_size=fold_size, k_t2i=3, k_i2t=3,
+                                     local_exhaustive=False, relevances=rel)["global"]
+    t2i, i2t = [], []
+    for f in range(folds):
+        im, tx = slice(f * fold_size, (f + 1) * fold_size), slice(f * fold_size * per_image, (f + 1) * fold_size * per_image)
+        sim = img[im] @ txt[tx].T
+        block = rel["rougeL"][tx, im]
+        t2i.append(np.mean(_brute_ndcg(sim.T, block)))
+        per_img = _brute_ndcg(sim, block.T)
+        i2t.append(np.mean(per_img[per_img != 0]))
+    assert got["t2i_ndcg_rougeL"] == pytest.approx(np.mean(t2i), abs=1e-6)
+    assert got["i2t_ndcg_rougeL"] == pytest.approx(np.mean(i2t), abs=1e-6)
+    recalls = [v for k, v in got.items() if "_R" in k]
+    assert len(recalls) == 6 and got["rsum"] == pytest.approx(sum(recalls))   # NDCG is not part of rsum
+
+
+def test_published_recipes():
+    f30k = flickr30k_regions.get_config("batch_size=30")
+    coco = coco_regions.get_config("")
+    for config, batch in ((f30k, 30), (coco, 40)):
+        o = config.optim
+        assert (config.batch_size, o.lr, o.grad_clip, o.schedule, o.decay_epochs, o.decay_rate, o.warmup_steps,
+                o.warmup_factor, o.weight_decay, config.num_epochs) == (batch, 1e-5, 2.0, "step_decay", 20, 0.1, 1000,
+                                                                          0.0, 0.0, 60)
+        assert config.tgdt.negatives == "hardest" and config.model.tgdt_regions.detach is True
+        assert config.model.tgdt_regions.preset == "tgdt" and config.model.eval_token_set == "test"
+    assert coco.tgdt.coco_1k_folds == 5 and coco.tgdt.ndcg_name == "coco" and f30k.tgdt.ndcg_name == "f30k"
