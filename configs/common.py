@@ -95,6 +95,9 @@ def trainer_defaults(config: ml_collections.ConfigDict) -> None:
     # "max" | "min"; note says why there is none (printed and written to selection.json).
     config.select = ml_collections.ConfigDict({"eval": "", "metric": "R1", "mode": "max", "note": ""})
     config.precision = "bfloat16"
+    # Gradient caching (xmr_jax.grad_cache): examples per device per micro-batch; the step's
+    # gradient stays the full-batch one (SDM/ITC/CMC over the whole batch). 0 = off.
+    config.micro_batch_size = 0
     config.mesh = mesh_config()
     config.profile_steps = ()  # e.g. (10, 20): jax.profiler trace from step 10 to 20
     config.profile_dir = ""  # default: WORKDIR/profile

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from xmr_jax import checkpoints, logging_utils, optim, parallel
+from xmr_jax import checkpoints, grad_cache, logging_utils, optim, parallel
 from xmr_jax.logging_utils import MetricWriter, ProgressBar
 from xmr_jax.models.families import get_family
 
@@ -65,12 +65,15 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
     )
 
 
-def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation,
+                    grad_fn: Callable | None = None) -> Callable:
     """Returns `train_step(state, batch) -> (state, metrics)` (pure; jit it with shardings).
 
     loss_fn(outputs, batch) -> (total float32 [], {name: float32 []}) is the family's
     `loss_fn(config)`; outputs = model.apply({"params": params}, batch). metrics: loss, the parts,
-    grad_norm.
+    grad_norm. grad_fn(params, batch) -> ((loss, parts), grads) replaces the one-pass
+    `jax.value_and_grad` of that objective (`xmr_jax.grad_cache`: the same gradient computed in
+    micro-batches).
 
     A step whose loss is NaN/Inf keeps params and opt_state bit for bit (step still advances and
     `nonfinite` counts it). The optimizer update runs inside `lax.cond` on the loss being finite,
@@ -89,15 +92,19 @@ def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation) 
         _, params, opt_state = operands
         return params, opt_state
 
-    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-        # train_step int32 [B]: the state's step on every row, for losses scheduled by step
-        batch = {**batch, "train_step": jnp.full(jax.tree.leaves(batch)[0].shape[:1], state.step, jnp.int32)}
-
+    def full_batch_grad(params, batch):
         def objective(params):
             outputs = model.apply({"params": params}, batch)
             return loss_fn(outputs, batch)
 
-        (loss, parts), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        return jax.value_and_grad(objective, has_aux=True)(params)
+
+    grad_fn = grad_fn or full_batch_grad
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        # train_step int32 [B]: the state's step on every row, for losses scheduled by step
+        batch = {**batch, "train_step": jnp.full(jax.tree.leaves(batch)[0].shape[:1], state.step, jnp.int32)}
+        (loss, parts), grads = grad_fn(state.params, batch)
         finite = jnp.isfinite(loss)
         # A non-finite step leaves the state untouched, so what gets saved is always good.
         params, opt_state = jax.lax.cond(finite, apply_update, keep, (grads, state.params, state.opt_state))
@@ -116,9 +123,9 @@ def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation) 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the field, before any data or device work.
 
-    Here: model_family, precision, batch sizes against the mesh, the parameter-group rules
-    (config.optim.param_groups) and the sharding rules (config.mesh.rules); the family's own
-    fields (loss names, model, init checkpoint) in its `validate`.
+    Here: model_family, precision, batch sizes against the mesh, micro_batch_size, the
+    parameter-group rules (config.optim.param_groups) and the sharding rules (config.mesh.rules);
+    the family's own fields (loss names, model, init checkpoint) in its `validate`.
     """
     family = get_family(config.model_family)
     if config.precision not in ("float32", "bfloat16"):
@@ -131,6 +138,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config.{field}={size} must be a positive multiple of the number of devices in the mesh "
                 f"({n_dev}; config.mesh.data={config.mesh.data}, config.mesh.fsdp={config.mesh.fsdp})"
             )
+    if grad_cache.micro_batches(config, n_dev) and family.micro_batch_outputs(config) is None:
+        raise ValueError(f"config.micro_batch_size={config.micro_batch_size}: model family {family.name!r} "
+                         "does not support micro-batches (its micro_batch_outputs is None); unset it")
     optim.parse_group_rules(config.optim.get("param_groups"))
     parallel.parse_sharding_rules(config.mesh.get("rules", ()))
     family.validate(config)
@@ -294,8 +304,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
     else:
         state, _ = init_train_state(model, config, tx, mesh, jax.random.PRNGKey(config.seed))
 
+    # config.micro_batch_size < per-device batch: the same step with gradient caching.
+    grad_fn = grad_cache.grad_fn_from_config(model, family, config, mesh)
     step_fn = jax.jit(
-        make_train_step(model, family.loss_fn(config), tx),
+        make_train_step(model, family.loss_fn(config), tx, grad_fn),
         in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),

@@ -33,6 +33,12 @@ A family is a `Family` object. The shared code calls only these members:
                         published switches to its test-time token set).
   complete_config(config, train_meta)
                         fills config values left to the data set (IRRA: num_classes = identities).
+  micro_batch_outputs(config)
+                        -> {output name: "rows" | "sum"} for gradient caching (config.micro_batch_size,
+                        xmr_jax.grad_cache): the outputs the loss reads and how micro-batches make
+                        them ("rows": per-example rows, concatenated, e.g. embeddings for the batch
+                        losses; "sum": float32 [] added up, e.g. a per-sample CE sum and its count),
+                        or None (default): the family does not train in micro-batches.
 
 A new family is its module under models/ (the module and a Family subclass), one entry in
 `FAMILIES` (or `register(family)` at run time, as tests do) and its configs; a data set with
@@ -174,6 +180,9 @@ class Family:
 
     def complete_config(self, config, train_meta) -> None:
         del config, train_meta
+
+    def micro_batch_outputs(self, config) -> dict[str, str] | None:
+        return None
 
 
 class ClipTowerFamily(Family):

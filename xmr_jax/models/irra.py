@@ -301,5 +301,13 @@ class IRRAFamily(families.ClipTowerFamily):
         if config.num_classes <= 0:
             config.num_classes = train_meta.num_classes
 
+    def micro_batch_outputs(self, config) -> dict[str, str]:
+        """Gradient caching: features and ID logits are per-example rows (SDM / ITC / CMPM / ID run
+        on the whole batch of them); the MLM branch runs per micro-batch, its CE sum and target
+        count add up (the loss divides the batch's sums)."""
+        del config
+        return {"image_feats": "rows", "text_feats": "rows", "image_logits": "rows", "text_logits": "rows",
+                "mlm_ce_sum": "sum", "mlm_count": "sum"}
+
 
 FAMILY = IRRAFamily()

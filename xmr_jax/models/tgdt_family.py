@@ -34,6 +34,13 @@ class TGDTFamily(families.ClipTowerFamily):
 
         return loss
 
+    def micro_batch_outputs(self, config) -> dict[str, str]:
+        """Gradient caching: every output is per-example rows (CMC compares the whole batch's
+        globals and tokens)."""
+        del config
+        return {name: "rows" for name in ("image_global", "text_global", "image_tokens", "image_mask",
+                                          "text_tokens", "text_mask")}
+
     def eval_settings(self, config) -> dict:
         """The caption settings config.tgdt sets (the evaluator's defaults for the others)."""
         tcfg = config.tgdt
