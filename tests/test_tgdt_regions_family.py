@@ -214,3 +214,23 @@ def test_published_recipes():
         assert config.tgdt.negatives == "hardest" and config.model.tgdt_regions.detach is True
         assert config.model.tgdt_regions.preset == "tgdt" and config.model.eval_token_set == "test"
     assert coco.tgdt.coco_1k_folds == 5 and coco.tgdt.ndcg_name == "coco" and f30k.tgdt.ndcg_name == "f30k"
+
+
+def test_synthetic_regions_scenes_are_deterministic_and_fully_in_the_shipped_vocab():
+    from data_pipelines.builders.synthetic_regions import synthetic_regions as sr
+    from xmr_jax.wordpiece import WordPieceTokenizer
+
+    cfg = sr.BUILDER_CONFIGS[0]
+    vectors = (np.ones((len(sr.NOUNS), cfg.region_dim)), np.zeros((len(sr.COLOURS), cfg.region_dim)))
+    a = sr.scene(cfg, vectors, np.random.default_rng([0, 2, 7]))
+    b = sr.scene(cfg, vectors, np.random.default_rng([0, 2, 7]))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[0].shape == (cfg.num_regions, cfg.region_dim) and a[1].shape == (cfg.num_regions, 4)
+    assert (a[1][:, 2:] > a[1][:, :2]).all() and ((a[1] >= 0) & (a[1] <= 1)).all()
+    assert sr.VOCAB_PATH.read_text().splitlines() == sr.vocabulary()
+    tok = WordPieceTokenizer(sr.VOCAB_PATH)
+    captions = [c for i in range(50) for c in sr.scene(cfg, vectors, np.random.default_rng([0, 1, i]))[2]]
+    assert len(captions) == 250 and a[2] == b[2]
+    ids = tok.encode(captions, max_length=None)
+    assert tok.unk_id not in ids and ids.shape[1] <= 16   # the demo's context_length holds every caption
