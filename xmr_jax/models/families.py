@@ -259,6 +259,7 @@ FAMILIES: dict[str, str] = {
     "irra": "xmr_jax.models.irra:FAMILY",
     "tgdt": "xmr_jax.models.tgdt_family:FAMILY",
     "tgdt_regions": "xmr_jax.models.tgdt_regions_family:FAMILY",
+    "siglip": "xmr_jax.models.siglip_family:FAMILY",
 }
 _LOADED: dict[str, Family] = {}
 
