@@ -106,7 +106,7 @@ def trainer_defaults(config: ml_collections.ConfigDict) -> None:
 
 
 def irra_config(dataset: str, num_classes: int, arg: str | None, val_split: str = "val") -> ml_collections.ConfigDict:
-    """IRRA's published recipe (SPEC section 4) on a person-retrieval data set.
+    """IRRA's published recipe on a person-retrieval data set (docs/semantics.md, 'Training recipes').
 
     Model selection: with a `val_split` ("" = the data set has none), config.evals.val evaluates
     it every config.eval_every_epochs (1) epochs, the best val R1 checkpoint is kept, and the
@@ -165,7 +165,8 @@ def irra_config(dataset: str, num_classes: int, arg: str | None, val_split: str 
 
 
 def tgdt_defaults(positives: str = "image_id") -> ml_collections.ConfigDict:
-    """config.tgdt: CMC loss and two-stage inference settings (SPEC section 6).
+    """config.tgdt: CMC loss and two-stage inference settings (docs/semantics.md, 'Losses' and
+    'Similarity and retrieval').
 
     local_scale: scale of the token-level similarity (loss and inference); positives: "image_id"
     (caption data: pairs of the same image are never negatives) or "pid" (same person);
@@ -186,7 +187,8 @@ def tgdt_defaults(positives: str = "image_id") -> ml_collections.ConfigDict:
 
 
 def tgdt_config(dataset: str, arg: str | None, batch_size: int, warmup_steps: int) -> ml_collections.ConfigDict:
-    """TGDT's recipe (SPEC section 6) on CLIP ViT-B/16 towers for a caption data set at 224x224.
+    """TGDT's recipe (docs/semantics.md, 'Training recipes') on CLIP ViT-B/16 towers for a caption data
+    set at 224x224.
 
     `arg` keys: init (OpenAI CLIP checkpoint path), data_dir, manual_dir, batch_size, epochs, seed,
     precision, positives.
@@ -228,7 +230,8 @@ def synthetic_demo(config: ml_collections.ConfigDict, data_config: str, epochs: 
                    grad_clip: float, shuffle_buffer: int) -> None:
     """The CPU demos' shared pieces: tiny towers from scratch on synthetic_people, AdamW, float32.
 
-    Towers (shared/notes/demo-feasibility.md): ViT 8x8 patches on 64x32 images (32 patches + CLS),
+    Towers (sized so a from-scratch run learns within minutes on 2 CPU cores): ViT 8x8 patches on
+    64x32 images (32 patches + CLS),
     width 128, 3 layers, 4 heads; causal text transformer width 128, 3 layers; 128-d embeddings.
     The synthetic captions are at most 47 tokens long: a 48-token context (instead of CLIP's 77)
     saves a third of the text tower's work; model and data share the one value. num_epochs is one

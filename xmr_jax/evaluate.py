@@ -3,9 +3,11 @@
 Two evaluator kinds; config.evals declares which run (kind, split, every_epochs, prefix and the
 kind's settings; `evaluator_specs`), a model family names its default kind and settings
 (xmr_jax.models.families), and `Evaluator.for_config` builds one:
-Person retrieval ("person", IRRA): text -> image, R1/R5/R10/mAP/mINP over pids (SPEC 5).
+Person retrieval ("person", IRRA): text -> image, R1/R5/R10/mAP/mINP over pids
+(docs/semantics.md, 'Evaluation').
 Caption retrieval ("caption", TGDT): both directions, R@1/5/10 and rsum, for global-only,
-local-only and two-stage (global top-k, rerank by s_g + s_l) scoring (SPEC 6-7); with the
+local-only and two-stage (global top-k, rerank by s_g + s_l) scoring (docs/semantics.md,
+'Similarity and retrieval'); with the
 coco_1k_folds setting also the COCO 1K protocol (the same three per fold of 1000 images,
 averaged; keys "coco_1k/...").
 

@@ -1,4 +1,4 @@
-"""IRRA: implicit relation reasoning around a CLIP dual encoder (SPEC section 3).
+"""IRRA: implicit relation reasoning around a CLIP dual encoder (docs/semantics.md, section 'IRRA model').
 
 Parameter names mirror the reference so the optimizer's name rules apply unchanged:
 `base_model` (the CLIP towers), `cross_attn`, `cross_modal_transformer`, `ln_pre_t`, `ln_pre_i`,
@@ -262,7 +262,8 @@ def build_irra(config) -> IRRA:
 
 
 class IRRAFamily(families.ClipTowerFamily):
-    """The "irra" model family: person retrieval, losses from config.loss_names (SPEC 3-5)."""
+    """The "irra" model family: person retrieval, losses from config.loss_names (docs/semantics.md:
+    'IRRA model', 'Losses', 'Evaluation')."""
 
     name = "irra"
     evaluator = "person"
