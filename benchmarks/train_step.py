@@ -5,9 +5,9 @@ r"""Seconds per IRRA train step (sdm+id+mlm, Adam): xmr_jax's compiled step vs t
 
 Synthetic batches (no TensorFlow needed, so it also runs on the GPU machines): 30-word captions,
 15% of the words masked. The PyTorch side is transformers' CLIPModel towers with IRRA's heads and
-losses (benchmarks/torch_irra.py), same sizes, same Adam (eps 1e-3, L2 4e-5), computing the
-49408-way MLM output at every position as IRRA does; on a GPU in the same precision (bfloat16 =
-torch autocast), on CPU always in float32 (torch's fastest CPU path). The xmr_jax side runs the
+losses (tests/torch_irra.py, also the parity tests' reference), same sizes, same Adam (eps 1e-3,
+L2 4e-5), computing the 49408-way MLM output at every position as IRRA does; on a GPU in the same precision
+(bfloat16 = torch autocast), on CPU always in float32 (torch's fastest CPU path). The xmr_jax side runs the
 configs as shipped: the MLM output only at masked positions (exact, `model.mlm_chunk`) and the
 unmasked captions' text pass on the shortest length bucket (`model.text_length_buckets`). The two
 sides are timed step by step in alternation, so a load change on a shared machine hits both
@@ -30,7 +30,8 @@ from xmr_jax.cpu_runtime import configure_cpu_runtime  # noqa: E402  (imports no
 # Before jax is imported: on CPU this re-executes the script with glibc malloc settings that keep
 # XLA:CPU from faulting in fresh pages for every temporary (xmr_jax/cpu_runtime.py). The torch side
 # runs in the same process, under the same settings. --no_cpu_setup measures without them.
-CPU_SETUP = "skipped (--no_cpu_setup)" if "--no_cpu_setup" in sys.argv else configure_cpu_runtime()
+CPU_SETUP = ("skipped (--no_cpu_setup or imported)" if "--no_cpu_setup" in sys.argv or __name__ != "__main__"
+             else configure_cpu_runtime())
 
 import jax  # noqa: E402
 import jax.numpy as jnp
@@ -162,7 +163,7 @@ def torch_runner(config, batch, precision: str):
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    from benchmarks.torch_irra import TorchIRRA, irra_loss
+    from tests.torch_irra import TorchIRRA, irra_loss
 
     clip = dict(CLIP_PRESETS[config.model.clip.preset])
     clip.update({k: v for k, v in config.model.clip.items() if k != "preset"})

@@ -1,6 +1,6 @@
 """IRRA parity with PyTorch: forward outputs and losses, and import of an IRRA `best.pth`.
 
-The reference is benchmarks/torch_irra.py (transformers' CLIP towers + IRRA's heads and losses
+The reference is tests/torch_irra.py (transformers' CLIP towers + IRRA's heads and losses
 in torch), built tiny and random; its weights are converted with xmr_jax.convert.irra.
 Tolerance: float32, max abs diff <= 1e-5 on features and losses, <= 2e-5 on the 49408-way logits.
 """
@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks.torch_irra import TorchIRRA, irra_loss
+from tests.torch_irra import TorchIRRA, irra_loss
 from tests.torch_reference import hf_to_openai_state_dict, random_token_ids, tiny_hf_clip
 from xmr_jax.convert.core import CheckpointMismatchError
 from xmr_jax.convert.irra import irra_state_dict_to_params, load_irra
