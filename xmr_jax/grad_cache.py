@@ -29,7 +29,9 @@ share (m = config.micro_batch_size, per device), so no row moves between devices
 outputs are put back in batch order before the loss.
 
 Cost: the towers' forward runs twice (steps 1 and 3); memory holds one micro-batch's
-activations plus the cache. Randomness: the module is applied without rngs (no dropout), so the
+activations plus the cache and one gradient accumulator. On a mesh of several devices XLA
+all-reduces each micro-batch's parameter gradient inside the loop of step 3 (n_micro gradient
+all-reduces per step instead of one; seen in the compiled HLO of an 8-device step). Randomness: the module is applied without rngs (no dropout), so the
 two forwards agree.
 """
 
