@@ -69,8 +69,9 @@ def compute_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Arr
 
 def validate_tgdt_config(config) -> None:
     """Checks config.loss_names and config.tgdt.*; raises ValueError naming the bad field."""
-    names = tuple(n for n in config.loss_names.split("+") if n)
-    if names != KNOWN_LOSSES:
+    from xmr_jax.models import families
+
+    if families.parse_loss_names(config.loss_names, KNOWN_LOSSES, "tgdt") != KNOWN_LOSSES:
         raise ValueError(f"config.loss_names={config.loss_names!r}: the tgdt family trains with 'cmc' only")
     if "tgdt" not in config:
         raise ValueError("config.tgdt is missing: the tgdt family needs config.tgdt "
