@@ -49,9 +49,11 @@ def configure_cpu_runtime(force: bool = False, reexec: bool = True) -> dict:
     interactively or under pytest, or sys.orig_argv is missing; otherwise the settings are applied
     with mallopt(). Launchers can instead export GLIBC_TUNABLES=<CPU_GLIBC_TUNABLES> themselves.
 
-    Skipped off Linux/glibc, and when an accelerator platform is configured or its JAX plugin is
-    installed, unless force=True. Returns a dict saying what was done (for the log).
+    Skipped with XMR_CPU_RUNTIME=0, off Linux/glibc, and when an accelerator platform is configured or
+    its JAX plugin is installed, unless force=True. Returns a dict saying what was done (for the log).
     """
+    if os.environ.get("XMR_CPU_RUNTIME") == "0":
+        return {"skipped": "XMR_CPU_RUNTIME=0"}
     if not sys.platform.startswith("linux"):
         return {"skipped": "not linux"}
     if not force and _accelerator_configured():
