@@ -254,23 +254,7 @@ def test_to_hf_clip_round_trip(tmp_path, inputs):
 def _tiny_gelu_hf_clip(seed: int = 3):
     """Tiny random transformers.CLIPModel with hidden_act="gelu" (exact) in both towers, every parameter
     perturbed as in torch_reference.tiny_hf_clip."""
-    from transformers import CLIPModel
-
-    cfg = ref.tiny_hf_config()
-    cfg.vision_config.hidden_act = "gelu"
-    cfg.text_config.hidden_act = "gelu"
-    torch.manual_seed(seed)
-    model = CLIPModel(cfg).float().eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "logit_scale":
-                continue
-            if p.ndim == 1:
-                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    model = ref.tiny_hf_clip(seed, hidden_act="gelu")
     assert model.config.vision_config.hidden_act == model.config.text_config.hidden_act == "gelu"
     return model
 

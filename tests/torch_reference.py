@@ -20,20 +20,21 @@ TINY = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=2, visio
             text_layers=2, text_heads=4, embed_dim=32, vocab_size=49408, context_length=77)
 
 
-def tiny_hf_config(**overrides):
-    """A transformers.CLIPConfig for a tiny OpenAI-style CLIP (quick_gelu, eps 1e-5, argmax pooling)."""
+def tiny_hf_config(hidden_act: str = "quick_gelu", **overrides):
+    """A transformers.CLIPConfig for a tiny OpenAI-style CLIP (eps 1e-5, argmax pooling); hidden_act
+    "quick_gelu" (OpenAI) or "gelu" (open_clip / LAION) in both towers."""
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     c = {**TINY, **overrides}
     text = CLIPTextConfig(vocab_size=c["vocab_size"], hidden_size=c["text_width"],
                           intermediate_size=4 * c["text_width"], projection_dim=c["embed_dim"],
                           num_hidden_layers=c["text_layers"], num_attention_heads=c["text_heads"],
-                          max_position_embeddings=c["context_length"], hidden_act="quick_gelu",
+                          max_position_embeddings=c["context_length"], hidden_act=hidden_act,
                           layer_norm_eps=1e-5, eos_token_id=2, bos_token_id=c["vocab_size"] - 2, pad_token_id=1)
     vision = CLIPVisionConfig(hidden_size=c["vision_width"], intermediate_size=4 * c["vision_width"],
                               projection_dim=c["embed_dim"], num_hidden_layers=c["vision_layers"],
                               num_attention_heads=c["vision_heads"], image_size=c["image_size"],
-                              patch_size=c["patch_size"], hidden_act="quick_gelu", layer_norm_eps=1e-5)
+                              patch_size=c["patch_size"], hidden_act=hidden_act, layer_norm_eps=1e-5)
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=c["embed_dim"])
 
 
