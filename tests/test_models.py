@@ -350,7 +350,9 @@ def test_configure_cpu_runtime_stops_page_faults_per_step():
 
     off, reexec = faults("off"), faults("reexec")
     assert off > 50000, off                  # 2 x 128 MB of fresh 4 KiB pages per call
-    assert reexec < off / 2, (reexec, off)   # mostly reused heap pages
+    # Freed blocks are reused from the heap instead of fresh mmap()s; how many of the 6 buffers land
+    # on reused pages depends on heap layout (measured 0-2/3 of `off`), so the bound is loose.
+    assert reexec < 0.8 * off, (reexec, off)
     faults("mallopt")                        # the fallback path runs
 
 
