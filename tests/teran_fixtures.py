@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [
     "a", "an", "the", "man", "woman", "dog", "dogs", "cat", "is", "are", "on", "in", "of", "with",
     "grass", "red", "blue", "shirt", "running", "run", "jump", "cafe", "play", "ball", "street",
@@ -24,7 +24,7 @@ def write_bert_vocab(path: Path) -> Path:
     """A ~120-token BERT vocab.txt: specials ([PAD] = 0), words, '##' pieces, letters, digits,
     punctuation, one CJK character."""
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    tokens = SPECIALS + WORDS + PUNCT + letters + ["##" + c for c in letters] + ["中"]
+    tokens = SPECIAL_TOKENS + WORDS + PUNCT + letters + ["##" + c for c in letters] + ["中"]
     seen, out = set(), []
     for t in tokens:
         if t not in seen:

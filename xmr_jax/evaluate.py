@@ -373,7 +373,7 @@ CAPTION_SETTINGS = {"k_t2i": 100, "k_i2t": 50, "local_scale": 10.0, "local_exhau
                     "coco_1k_folds": 0, "coco_1k_fold_size": 1000, "ndcg_relevance_dir": "", "ndcg_name": "",
                     "ndcg_split": "test", "ndcg_k": 25}
 KIND_SETTINGS = {"person": {}, "caption": CAPTION_SETTINGS}
-_SPEC_FIELDS = ("kind", "split", "every_epochs", "prefix")
+_ENTRY_FIELDS = ("kind", "split", "every_epochs", "prefix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,11 +421,11 @@ def evaluator_specs(config) -> list[EvalSpec]:
             raise ValueError(f"{where}.prefix={prefix!r}: config.evals.{prefixes[prefix]} has it too; each "
                              "evaluator needs its own prefix (it names its report and logs)")
         prefixes[prefix] = name
-        own = {k: v for k, v in entry.items() if k not in _SPEC_FIELDS}
+        own = {k: v for k, v in entry.items() if k not in _ENTRY_FIELDS}
         unknown = sorted(set(own) - set(KIND_SETTINGS[kind]))
         if unknown:
             raise ValueError(f"{where}: {unknown} are not settings of kind {kind!r}; its settings: "
-                             f"{sorted(KIND_SETTINGS[kind])}, and the fields {list(_SPEC_FIELDS)}")
+                             f"{sorted(KIND_SETTINGS[kind])}, and the fields {list(_ENTRY_FIELDS)}")
         settings = {**(family.eval_settings(config) if kind == family.evaluator else {}), **own}
         specs.append(EvalSpec(str(name), kind, str(split), int(every), prefix, settings))
     return specs

@@ -155,6 +155,23 @@ def _full_paths(image_paths: Sequence[str], image_root: Optional[str]) -> list[s
     return [os.path.join(image_root, p) if image_root else p for p in image_paths]
 
 
+def _encode_range(enc, full, image_paths, indices, on_batch, **stream_kwargs):
+    """Encodes the images `indices` of `full` (`_encode_stream` with `stream_kwargs`); returns
+    (global batches, token batches, mask batches, kept paths, skipped paths) over the decodable
+    images. on_batch(good, bad), if given, sees the image indices of every batch."""
+    globs, toks, masks, kept, skipped = [], [], [], [], []
+    for good, bad, g, t, m in _encode_stream(enc, full, indices, **stream_kwargs):
+        skipped += [image_paths[i] for i in bad]
+        if good:
+            globs.append(g)
+            toks.append(t)
+            masks.append(m)
+            kept += [image_paths[i] for i in good]
+        if on_batch is not None:
+            on_batch(good, bad)
+    return globs, toks, masks, kept, skipped
+
+
 def build_index(model, params, image_paths: Sequence[str], image_root: str | None = None, *,
                 batch_size: int = 64, with_tokens: bool = True, skip_bad_images: bool = False,
                 num_workers: int | None = None, log: Callable[[str], None] | None = None) -> ImageIndex:
@@ -175,21 +192,17 @@ def build_index(model, params, image_paths: Sequence[str], image_root: str | Non
         raise SearchError("build_index: no image paths given")
     full = _full_paths(image_paths, image_root)
     n = len(full)
-    globs, toks, masks, kept, skipped = [], [], [], [], []
     start = time.time()
-    for good, bad, g, t, m in _encode_stream(enc, full, range(n), batch_size=batch_size,
-                                             with_tokens=with_tokens,
-                                             skip_bad_images=skip_bad_images, num_workers=num_workers):
-        skipped += [image_paths[i] for i in bad]
-        if good:
-            globs.append(g)
-            toks.append(t)
-            masks.append(m)
-            kept += [image_paths[i] for i in good]
+
+    def report(good, bad):
         if log is not None:
             done = (good + bad)[-1] + 1
             rate = done / max(time.time() - start, 1e-9)
             log(f"[index] {done}/{n} images ({rate:.1f} img/s, ETA {(n - done) / rate:.0f} s)")
+
+    globs, toks, masks, kept, skipped = _encode_range(
+        enc, full, image_paths, range(n), report, batch_size=batch_size, with_tokens=with_tokens,
+        skip_bad_images=skip_bad_images, num_workers=num_workers)
     if not kept:
         raise SearchError(f"none of the {n} images could be decoded (first: {image_paths[0]!r})")
     meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
@@ -235,18 +248,11 @@ def write_index(model, params, image_paths: Sequence[str], image_root: str | Non
                    file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     try:
         for c in pending:
-            globs, toks, masks, kept, skipped = [], [], [], [], []
-            for good, bad, g, t, m in _encode_stream(
-                    enc, full, writer.chunk_range(c), batch_size=batch_size, with_tokens=with_tokens,
-                    skip_bad_images=skip_bad_images, num_workers=num_workers):
-                skipped += [image_paths[i] for i in bad]
-                if good:
-                    globs.append(g)
-                    toks.append(t)
-                    masks.append(m)
-                    kept += [image_paths[i] for i in good]
-                if bar is not None:
-                    bar.update(len(good) + len(bad))
+            globs, toks, masks, kept, skipped = _encode_range(
+                enc, full, image_paths, writer.chunk_range(c),
+                (lambda good, bad: bar.update(len(good) + len(bad))) if bar is not None else None,
+                batch_size=batch_size, with_tokens=with_tokens, skip_bad_images=skip_bad_images,
+                num_workers=num_workers)
             d = enc.embed_dim
             g = np.concatenate(globs) if globs else np.zeros((0, d), np.float32)
             t = m = None
