@@ -234,3 +234,42 @@ def test_synthetic_regions_scenes_are_deterministic_and_fully_in_the_shipped_voc
     assert len(captions) == 250 and a[2] == b[2]
     ids = tok.encode(captions, max_length=None)
     assert tok.unk_id not in ids and ids.shape[1] <= 16   # the demo's context_length holds every caption
+
+
+def test_dropout_is_drawn_per_step_in_training_and_off_at_evaluation():
+    """TGDT trains with dropout 0.1: the trainer's step passes a fresh "dropout" rng per step (two
+    seeds give different losses on the same batch, a model without dropout ignores the rng), the
+    encoders used for evaluation stay deterministic; TGDT's recipe configs set 0.1."""
+    from xmr_jax import optim
+
+    rng = np.random.default_rng(0)
+    batch = {"regions": rng.normal(size=(4, 5, 32)).astype(np.float32),   # the demo's region_dim
+             "boxes": rng.random((4, 5, 4)).astype(np.float32),
+             "text_ids": np.tile(np.array([[2, 7, 9, 3, 0, 0]], np.int32), (4, 1)),
+             "pids": np.arange(4, dtype=np.int32), "image_ids": np.arange(4, dtype=np.int32)}
+    losses_by = {}
+    for rate in (0.0, 0.1):
+        config = regions_demo.get_config()
+        config.model.tgdt_regions.dropout = rate
+        family = families.get_family("tgdt_regions")
+        model = family.build(config)
+        params = train.init_params(model, config, jax.random.PRNGKey(0))
+        tx, _ = optim.make_optimizer(config.optim, params, steps_per_epoch=10)
+        for seed in (1, 2):
+            step = jax.jit(train.make_train_step(model, family.loss_fn(config), tx,
+                                                 dropout_rng=jax.random.PRNGKey(seed)))
+            _, m = step(train.create_train_state(params, tx), batch)
+            losses_by[rate, seed] = float(m["loss"])
+        image = model.apply({"params": params}, batch["regions"], batch["boxes"], method="encode_image")[0]
+        text = model.apply({"params": params}, batch["text_ids"], method="encode_text")[0]
+        if rate == 0.0:
+            reference = (image, text)
+        else:  # same parameters, so the evaluation features equal those of the model without dropout
+            np.testing.assert_allclose(image, reference[0], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(text, reference[1], rtol=1e-6, atol=1e-6)
+            with pytest.raises(Exception, match="dropout"):
+                model.apply({"params": params}, batch)  # training pass without a dropout rng
+    assert losses_by[0.0, 1] == losses_by[0.0, 2]
+    assert losses_by[0.1, 1] != losses_by[0.1, 2]
+    assert losses_by[0.1, 1] != losses_by[0.0, 1]
+    assert flickr30k_regions.get_config("batch_size=32").model.tgdt_regions.dropout == 0.1

@@ -66,14 +66,16 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 
 def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation,
-                    grad_fn: Callable | None = None) -> Callable:
+                    grad_fn: Callable | None = None, dropout_rng: jax.Array | None = None) -> Callable:
     """Returns `train_step(state, batch) -> (state, metrics)` (pure; jit it with shardings).
 
     loss_fn(outputs, batch) -> (total float32 [], {name: float32 []}) is the family's
     `loss_fn(config)`; outputs = model.apply({"params": params}, batch). metrics: loss, the parts,
     grad_norm. grad_fn(params, batch) -> ((loss, parts), grads) replaces the one-pass
     `jax.value_and_grad` of that objective (`xmr_jax.grad_cache`: the same gradient computed in
-    micro-batches).
+    micro-batches). dropout_rng: with it, the one-pass objective runs the model with
+    `rngs={"dropout": fold_in(dropout_rng, step)}` (a fresh mask every step, the same on every
+    device for a given step and seed; models without dropout ignore it).
 
     A step whose loss is NaN/Inf keeps params and opt_state bit for bit (step still advances and
     `nonfinite` counts it). The optimizer update runs inside `lax.cond` on the loss being finite,
@@ -93,8 +95,12 @@ def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation,
         return params, opt_state
 
     def full_batch_grad(params, batch):
+        rngs = None
+        if dropout_rng is not None:
+            rngs = {"dropout": jax.random.fold_in(dropout_rng, batch["train_step"][0])}
+
         def objective(params):
-            outputs = model.apply({"params": params}, batch)
+            outputs = model.apply({"params": params}, batch, rngs=rngs)
             return loss_fn(outputs, batch)
 
         return jax.value_and_grad(objective, has_aux=True)(params)
@@ -307,7 +313,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
     # config.micro_batch_size < per-device batch: the same step with gradient caching.
     grad_fn = grad_cache.grad_fn_from_config(model, family, config, mesh)
     step_fn = jax.jit(
-        make_train_step(model, family.loss_fn(config), tx, grad_fn),
+        make_train_step(model, family.loss_fn(config), tx, grad_fn,
+                        dropout_rng=jax.random.PRNGKey(config.seed + 1)),
         in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),

@@ -19,15 +19,16 @@ stage-1 outputs detached (only the stage-2 transformers train, as published; `de
 end to end), two-stage inference with k_t2i=100 / k_i2t=50 on the test token set (stage-1 tokens).
 
 Arguments after ':' (comma-separated key=value): bert, vocab (default bert/vocab.txt), data_dir,
-manual_dir, batch_size, epochs, seed, detach, negatives_schedule (steps with summed negatives before
+manual_dir, batch_size, epochs, seed, detach, dropout (0.1 as published; applied in training only), negatives_schedule (steps with summed negatives before
 the hardest; 0 = hardest throughout), context_length, relevances (TERAN's relevance folder: adds
 NDCG@25 with ROUGE-L and SPICE), precision, text_heads (BERT's heads; 0 = width / 64).
 
 Differences from TGDT's code: captions are padded to context_length (64 wordpieces; longer ones are
 cut, [SEP] kept) instead of to each batch's longest; stage 2 has no padding mask (as published), so
 the global features depend on that padding length (`stage2_mask=True` in config.model.tgdt_regions
-removes the dependence). Dropout (0.1 in TGDT's transformers) is off: the trainer runs the model
-deterministically. Same-image pairs in a batch are not negatives (`tgdt.positives="image_id"`).
+removes the dependence). Dropout 0.1 applies in training where TGDT's transformers and BERT apply it
+(the residual branches, after the region/stage transformers' activation, after BERT's embeddings)
+except on the attention probabilities (the fused attention kernels have none). Same-image pairs in a batch are not negatives (`tgdt.positives="image_id"`).
 """
 
 import ml_collections
@@ -47,7 +48,8 @@ def regions_config(dataset: str, arg, *, batch_size: int, warmup_steps: int, rel
 
     arg = common.parse_arg(arg, bert=bert, vocab=vocab, data_dir="", manual_dir="", batch_size=batch_size,
                            epochs=epochs, seed=1, lr=lr, detach=True, negatives=negatives, negatives_schedule=0,
-                           context_length=64, relevances="", precision="float32", text_heads=0)
+                           context_length=64, relevances="", precision="float32", text_heads=0,
+                           dropout=0.1)
     config = ml_collections.ConfigDict()
     config.seed = arg.seed
     config.model_family = "tgdt_regions"
@@ -56,6 +58,7 @@ def regions_config(dataset: str, arg, *, batch_size: int, warmup_steps: int, rel
 
     config.model = ml_collections.ConfigDict()
     config.model.tgdt_regions = ml_collections.ConfigDict({"preset": preset, "detach": arg.detach,
+                                                           "dropout": arg.dropout,
                                                            "stage2_mask": False})
     if arg.text_heads:  # BERT's heads when not width // 64 (checkpoints do not store head counts)
         config.model.tgdt_regions.text_heads = arg.text_heads

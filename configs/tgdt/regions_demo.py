@@ -36,7 +36,7 @@ def get_config(arg=None):
                             negatives="sum", negatives_schedule=0)
     config = regions_config("synthetic_regions", f"epochs={demo.epochs},seed={demo.seed},detach=false,"
                             f"negatives={demo.negatives},negatives_schedule={demo.negatives_schedule},"
-                            "context_length=16",
+                            "context_length=16,dropout=0",
                             batch_size=demo.batch_size, warmup_steps=100, relevance_name="",
                             preset="tiny", lr=demo.lr, vocab=str(VOCAB_PATH))
     config.data.config_name = demo.data

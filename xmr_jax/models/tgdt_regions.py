@@ -217,10 +217,15 @@ class TGDTRegions(nn.Module):
         return global_feat, tokens, text_word_mask(token_ids)
 
     def __call__(self, batch: Mapping[str, jax.Array], token_set: Optional[str] = None,
-                 deterministic: bool = True) -> dict[str, jax.Array]:
-        """batch: regions [B,N,R], boxes [B,N,4], text_ids [B,S] (optional region_mask [B,N]) ->
+                 deterministic: Optional[bool] = None) -> dict[str, jax.Array]:
+        """The training pass; deterministic None = dropout on when `dropout` > 0 (TGDT trains
+        with 0.1; needs a "dropout" rng, which the trainer passes every step).
+
+        batch: regions [B,N,R], boxes [B,N,4], text_ids [B,S] (optional region_mask [B,N]) ->
         {image_global, text_global [B,E] (unnormalized), image_tokens [B,N+1,E], image_mask,
         text_tokens [B,S,E], text_mask} (the keys `xmr_jax.models.tgdt.compute_losses` reads)."""
+        if deterministic is None:
+            deterministic = self.dropout == 0.0
         image_global, image_tokens, image_mask = self.encode_image(
             batch["regions"], batch["boxes"], batch.get("region_mask"), token_set, deterministic)
         text_global, text_tokens, text_mask = self.encode_text(batch["text_ids"], token_set, deterministic)
