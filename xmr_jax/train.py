@@ -74,8 +74,8 @@ def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation,
     grad_norm. grad_fn(params, batch) -> ((loss, parts), grads) replaces the one-pass
     `jax.value_and_grad` of that objective (`xmr_jax.grad_cache`: the same gradient computed in
     micro-batches). dropout_rng: with it, the one-pass objective runs the model with
-    `rngs={"dropout": fold_in(dropout_rng, step)}` (a fresh mask every step, the same on every
-    device for a given step and seed; models without dropout ignore it).
+    `rngs={"dropout": fold_in(dropout_rng, step)}` (a fresh mask every step; models without
+    dropout ignore it; a grad_fn does not receive it).
 
     A step whose loss is NaN/Inf keeps params and opt_state bit for bit (step still advances and
     `nonfinite` counts it). The optimizer update runs inside `lax.cond` on the loss being finite,
