@@ -94,10 +94,8 @@ def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation,
         _, params, opt_state = operands
         return params, opt_state
 
-    def full_batch_grad(params, batch):
-        rngs = None
-        if dropout_rng is not None:
-            rngs = {"dropout": jax.random.fold_in(dropout_rng, batch["train_step"][0])}
+    def full_batch_grad(params, batch, step):
+        rngs = None if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, step)}
 
         def objective(params):
             outputs = model.apply({"params": params}, batch, rngs=rngs)
@@ -105,12 +103,13 @@ def make_train_step(model, loss_fn: Callable, tx: optax.GradientTransformation,
 
         return jax.value_and_grad(objective, has_aux=True)(params)
 
-    grad_fn = grad_fn or full_batch_grad
-
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         # train_step int32 [B]: the state's step on every row, for losses scheduled by step
         batch = {**batch, "train_step": jnp.full(jax.tree.leaves(batch)[0].shape[:1], state.step, jnp.int32)}
-        (loss, parts), grads = grad_fn(state.params, batch)
+        if grad_fn is None:
+            (loss, parts), grads = full_batch_grad(state.params, batch, state.step)
+        else:
+            (loss, parts), grads = grad_fn(state.params, batch)
         finite = jnp.isfinite(loss)
         # A non-finite step leaves the state untouched, so what gets saved is always good.
         params, opt_state = jax.lax.cond(finite, apply_update, keep, (grads, state.params, state.opt_state))

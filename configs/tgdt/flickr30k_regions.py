@@ -19,16 +19,18 @@ stage-1 outputs detached (only the stage-2 transformers train, as published; `de
 end to end), two-stage inference with k_t2i=100 / k_i2t=50 on the test token set (stage-1 tokens).
 
 Arguments after ':' (comma-separated key=value): bert, vocab (default bert/vocab.txt), data_dir,
-manual_dir, batch_size, epochs, seed, detach, dropout (0.1 as published; applied in training only), negatives_schedule (steps with summed negatives before
-the hardest; 0 = hardest throughout), context_length, relevances (TERAN's relevance folder: adds
-NDCG@25 with ROUGE-L and SPICE), precision, text_heads (BERT's heads; 0 = width / 64).
+manual_dir, batch_size, epochs, seed, detach, dropout (0.1 as published; applied in training only),
+negatives_schedule (steps with summed negatives before the hardest; 0 = hardest throughout),
+context_length, relevances (TERAN's relevance folder: adds NDCG@25 with ROUGE-L and SPICE),
+precision, text_heads (BERT's heads; 0 = width / 64).
 
 Differences from TGDT's code: captions are padded to context_length (64 wordpieces; longer ones are
 cut, [SEP] kept) instead of to each batch's longest; stage 2 has no padding mask (as published), so
 the global features depend on that padding length (`stage2_mask=True` in config.model.tgdt_regions
 removes the dependence). Dropout 0.1 applies in training where TGDT's transformers and BERT apply it
 (the residual branches, after the region/stage transformers' activation, after BERT's embeddings)
-except on the attention probabilities (the fused attention kernels have none). Same-image pairs in a batch are not negatives (`tgdt.positives="image_id"`).
+except on the attention probabilities (the fused attention kernels have none). Same-image pairs in
+a batch are not negatives (`tgdt.positives="image_id"`).
 """
 
 import ml_collections
