@@ -273,6 +273,10 @@ class ClipTokenizer:
         """BPE ids of one cleaned caption, without SOT/EOT, padding or truncation."""
         return self._tokenizer.encode(clean_text(text), add_special_tokens=False).ids
 
+    def num_tokens(self, text: str) -> int:
+        """Word tokens of one caption (its BPE ids without SOT/EOT), before any truncation."""
+        return len(self.bpe_ids(text))
+
     def encode(self, texts: Sequence[str] | str) -> np.ndarray:
         """Encode captions. texts: list of N strings (a single str counts as N=1).
 

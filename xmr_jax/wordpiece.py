@@ -129,6 +129,10 @@ class WordPieceTokenizer:
         """The wordpiece strings of one caption, without [CLS]/[SEP]."""
         return self._tokenizer.encode(text, add_special_tokens=False).tokens
 
+    def num_tokens(self, text: str) -> int:
+        """Word tokens of one caption (its wordpieces without [CLS]/[SEP]), before any truncation."""
+        return len(self.wordpieces(text))
+
     def encode_batch(self, texts: Sequence[str] | str, max_length: int | None = -1) -> Encoded:
         """Encode captions (a single str counts as one).
 

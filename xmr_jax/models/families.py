@@ -31,6 +31,11 @@ A family is a `Family` object. The shared code calls only these members:
   eval_model(model, config)
                         -> the module the evaluators encode with (default: `model`; e.g. TGDT as
                         published switches to its test-time token set).
+  serving_shapes(model, config)
+                        -> {batch key of image_inputs / text_inputs: (shape without the batch dim,
+                        dtype name)}: the inputs `xmr_jax.export` and `xmr_jax.search` give the
+                        encoders; a str entry is a symbolic dim shared by the encoder's inputs (e.g.
+                        "n" regions). Default: the shapes of `init_batch`.
   complete_config(config, train_meta)
                         fills config values left to the data set (IRRA: num_classes = identities).
   micro_batch_outputs(config)
@@ -69,12 +74,14 @@ class TextSpec:
     pad_caption: context_length -> int32 [context_length], the caption of padding rows (eval batches).
     mlm_mask: None (no MLM inputs) or, in tf.data, (token_ids int32 [T], seed int [2], prob) ->
       (masked_ids int32 [T], labels int32 [T], 0 = no target): the batch then has mlm_ids/mlm_labels.
+    vocab_file: the vocabulary file the tokenizer reads ("" = built into xmr_jax); an export copies it.
     """
 
     name: str
     tokenizer: Callable[[int], Any]
     pad_caption: Callable[[int], np.ndarray]
     mlm_mask: Callable | None = None
+    vocab_file: str = ""
 
 
 def _clip_tokenizer(context_length: int):
@@ -100,6 +107,19 @@ def _clip_mlm_mask(token_ids, seed, prob):
 # IRRA's tokenizer variant (CLIP BPE + <|mask|>), with and without MLM inputs.
 CLIP_TEXT = TextSpec("clip_bpe", _clip_tokenizer, _clip_pad_caption, None)
 CLIP_TEXT_MLM = dataclasses.replace(CLIP_TEXT, mlm_mask=_clip_mlm_mask)
+
+
+def text_spec(scheme: str, vocab_file: str = "") -> TextSpec:
+    """The TextSpec a scheme names (as export metadata records it): "clip_bpe", or "wordpiece"
+    with its BERT vocab.txt `vocab_file`."""
+    if scheme == CLIP_TEXT.name:
+        return CLIP_TEXT
+    if scheme == "wordpiece" and vocab_file:
+        from xmr_jax.models.tgdt_regions_family import wordpiece_text
+
+        return wordpiece_text(os.path.abspath(vocab_file))
+    raise ValueError(f"text scheme {scheme!r} (vocab file {vocab_file!r}) is not known; expected "
+                     f"{CLIP_TEXT.name!r} or 'wordpiece' with a vocab.txt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +197,13 @@ class Family:
 
     def eval_model(self, model, config):
         return model
+
+    def serving_shapes(self, model, config) -> dict[str, tuple[tuple, str]]:
+        """{input key: (shape without the batch dim, dtype name)} of `model`'s encoder inputs, from
+        `init_batch` (families whose inputs vary in size override it with symbolic dims)."""
+        del model
+        batch = self.init_batch(config)
+        return {k: (tuple(batch[k].shape[1:]), str(batch[k].dtype)) for k in self.image_inputs + self.text_inputs}
 
     def complete_config(self, config, train_meta) -> None:
         del config, train_meta

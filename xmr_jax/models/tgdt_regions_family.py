@@ -70,7 +70,7 @@ def wordpiece_text(vocab_path: str) -> families.TextSpec:
         row[:2] = (cls_id, sep_id)
         return row
 
-    return families.TextSpec(f"wordpiece:{vocab_path}", tokenizer, pad_caption, None)
+    return families.TextSpec(f"wordpiece:{vocab_path}", tokenizer, pad_caption, None, vocab_file=vocab_path)
 
 
 def vocab_path(config) -> str:
@@ -167,6 +167,12 @@ class TGDTRegionsFamily(families.Family):
         return {"regions": jnp.zeros((1, 2, r), jnp.float32), "boxes": jnp.zeros((1, 2, 4), jnp.float32),
                 "text_ids": jnp.zeros((1, t), jnp.int32), "pids": jnp.zeros((1,), jnp.int32),
                 "image_ids": jnp.zeros((1,), jnp.int32)}
+
+    def serving_shapes(self, model, config) -> dict[str, tuple[tuple, str]]:
+        """regions ("n", model.region_dim) float32, boxes ("n", 4) float32 (n: any region count,
+        shared), text_ids (config.data.context_length,) int32."""
+        return {"regions": (("n", model.region_dim), "float32"), "boxes": (("n", 4), "float32"),
+                "text_ids": ((config.data.get("context_length", 77),), "int32")}
 
     def loss_fn(self, config):
         import jax.numpy as jnp

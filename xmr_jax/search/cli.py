@@ -13,8 +13,9 @@ import numpy as np
 
 from xmr_jax.search.encoders import Encoders, load_encoders
 from xmr_jax.search.errors import SearchError
-from xmr_jax.search.index import check_compatible, list_images, load_index, write_index
+from xmr_jax.search.index import check_compatible, image_gallery, list_images, load_index, write_gallery
 from xmr_jax.search.query import query_token_counts, search
+from xmr_jax.search.regions import SPLITS, is_region_index, region_gallery, teran_records
 from xmr_jax.search.render import render_grid
 
 
@@ -63,9 +64,14 @@ def _parse_args(argv):
         g.add_argument("--exported", help="a `python -m xmr_jax.export --formats jax` folder")
         sp.add_argument("--config", default=None, help="configs/x.py[:arg] describing a workdir's model")
 
-    ix = sub.add_parser("index", help="encode a folder of images into an index")
+    ix = sub.add_parser("index", help="encode a folder of images (or of region features) into an index")
     model_args(ix, True)
-    ix.add_argument("--images", required=True, help="image folder (searched recursively)")
+    source = ix.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="image folder (searched recursively)")
+    source.add_argument("--features", help="region features in TERAN's layout (Karpathy file, features_36/"
+                                           "bu_att, bu_box; tgdt_regions models): see xmr_jax.search.regions")
+    ix.add_argument("--split", action="append", choices=("train", "val", "test"), default=None,
+                    help="--features: index only this Karpathy split (repeatable; default all)")
     ix.add_argument("--index", required=True,
                     help="output index folder (local or gs://); rerunning the same command resumes it")
     ix.add_argument("--batch_size", type=int, default=64)
@@ -153,13 +159,24 @@ def _cmd_index(args, log) -> int:
     _check_index_folder(args.index)
     if args.chunk_size < 1:
         raise SearchError(f"--chunk_size must be >= 1, got {args.chunk_size}")
-    paths = list_images(args.images)
-    enc = _load_encoders(args)
-    log(f"[index] {len(paths)} images in {args.images}; model {enc.description['kind']} "
-        f"embed_dim={enc.embed_dim} image_size={tuple(enc.image_size)}")
+    if args.split and not args.features:
+        raise SearchError("--split selects Karpathy splits of --features; an --images folder is indexed whole")
+    if args.features:
+        records = teran_records(args.features, args.split or SPLITS)
+        enc = _load_encoders(args)
+        gallery = region_gallery(enc, args.features, records, check_files=not args.skip_bad_images)
+        source = args.features
+    else:
+        paths = list_images(args.images)
+        enc = _load_encoders(args)
+        gallery = image_gallery(enc, paths, args.images)
+        source = args.images
+    inputs = ", ".join(f"{i.name} {list(i.shape[1:])}" for i in enc.image_inputs)
+    log(f"[index] {len(gallery.names)} images in {source}; model {enc.description['kind']} "
+        f"embed_dim={enc.embed_dim} inputs {inputs}")
     try:
-        index = _write(lambda: write_index(
-            enc, None, paths, args.images, args.index, chunk_size=args.chunk_size,
+        index = _write(lambda: write_gallery(
+            enc, gallery, args.index, chunk_size=args.chunk_size,
             batch_size=args.batch_size, with_tokens=not args.no_tokens,
             skip_bad_images=args.skip_bad_images, num_workers=args.num_workers,
             progress=not args.no_progress, log=log), args.index, "--index")
@@ -197,6 +214,9 @@ def _read_queries(args) -> list[str]:
 def _cmd_query(args, log) -> int:
     index = load_index(args.index)
     texts = _read_queries(args)
+    if args.grid and is_region_index(index):
+        raise SearchError(f"--grid: {args.index!r} indexes region features (results are image ids), there are "
+                          "no image files to draw; drop --grid")
     if args.grid:
         _check_output_file(args.grid, "--grid")
         if args.images and not os.path.isdir(args.images):
@@ -218,7 +238,7 @@ def _cmd_query(args, log) -> int:
             f"({enc.description.get('kind')}): their weights cannot be compared, only their shapes")
     image_root = args.images or index.image_root
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",)) if args.shard_gallery else None
-    counts = query_token_counts(texts, enc.context_length)
+    counts = query_token_counts(texts, enc.context_length, enc.tokenizer())
     wordless = [q + 1 for q, (total, _) in enumerate(counts) if total == 0]
     if wordless:
         raise SearchError(f"query {wordless[0]} ({texts[wordless[0] - 1]!r}) has no words the tokenizer keeps")

@@ -1,8 +1,10 @@
 """The two encoders behind a search, whatever they were loaded from.
 
-`Encoders` wraps a CLIP module + params (`model_encoders`) or a `python -m xmr_jax.export --formats
-jax` folder (`exported_encoders`) behind the same two jitted calls, plus the model description
-(fields + weight fingerprint) an index records so a query can check it uses the same model.
+`Encoders` wraps a CLIP module + params or an `xmr_jax.export.Servable` of any family
+(`model_encoders`; e.g. tgdt_regions: region features + BERT) or a `python -m xmr_jax.export
+--formats jax` folder (`exported_encoders`) behind the same two jitted calls, plus the encoders'
+inputs, the query tokenizer (the family's TextSpec) and the model description (fields, inputs,
+weight fingerprint) an index records so a query can check it uses the same model.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,17 +24,33 @@ from xmr_jax.search.errors import SearchError
 class Encoders:
     """The two encoders behind a search, whatever they were loaded from.
 
-    encode_image: float32 [B, H, W, 3] -> (global [B, D] f32, tokens [B, L, D], mask [B, L] bool)
+    encode_image: the image inputs, in `image_inputs` order, batch first (CLIP: images float32
+      [B, H, W, 3]; tgdt_regions: regions float32 [B, N, R], boxes float32 [B, N, 4])
+      -> (global [B, D] f32, tokens [B, L, D], mask [B, L] bool)
     encode_text:  int32 [B, context_length] -> (global [B, D], tokens [B, T, D], mask [B, T])
-    description:  JSON-able model description stored in the index (fields + fingerprint).
+    image_size: (H, W) of a pixel model, None for region features.
+    description:  JSON-able model description stored in the index (fields, encoder inputs, fingerprint).
+    image_inputs: xmr_jax.export.EncoderInput of each image input (shape with the batch dim "b").
+    text: the families.TextSpec whose tokenizer(context_length) makes the token ids.
     """
 
     encode_image: Callable
     encode_text: Callable
-    image_size: tuple[int, int]
+    image_size: tuple[int, int] | None
     context_length: int
     embed_dim: int
     description: dict
+    image_inputs: tuple = ()
+    text: Any = None
+
+    @property
+    def takes_regions(self) -> bool:
+        """True when the image side is region features (regions + boxes), not pixels."""
+        return [i.name for i in self.image_inputs] == ["regions", "boxes"]
+
+    def tokenizer(self):
+        """The query tokenizer: `encode(list[str])` -> int32 [Q, context_length], `count(text)` -> tokens."""
+        return self.text.tokenizer(self.context_length)
 
 
 def params_fingerprint(params) -> str:
@@ -52,46 +71,64 @@ def _as_triple(out):
     return tuple(out) + (None,) * (3 - len(out))
 
 
-def model_encoders(model, params, source: str | None = None) -> Encoders:
-    """Encoders of a CLIP module + params (params are an argument of the jitted functions)."""
+def _inputs_json(inputs) -> dict:
+    """{method: {input name: shape}} of `xmr_jax.export.EncoderInputs` (the index records it)."""
+    return {m: {i.name: list(i.json()["shape"]) for i in items} for m, items in inputs.items()}
+
+
+def _encoders(img_fn, txt_fn, inputs, text, embed_dim: int, desc: dict) -> Encoders:
+    """Encoders of two jitted functions of the inputs `inputs` (xmr_jax.export.EncoderInputs)."""
+    image_inputs = tuple(inputs["encode_image"])
+    sizes = [i.shape[1:3] for i in image_inputs if i.name == "images"]
+    image_size = tuple(int(s) for s in sizes[0]) if sizes else None
+    context = int(inputs["encode_text"][0].shape[1])
+    desc = {**desc, "embed_dim": int(embed_dim), "image_size": list(image_size) if image_size else None,
+            "inputs": _inputs_json(inputs)}
+    return Encoders(lambda *xs: _as_triple(img_fn(*xs)), lambda x: _as_triple(txt_fn(x)), image_size,
+                    context, int(embed_dim), desc, image_inputs, text)
+
+
+def model_encoders(model, params=None, source: str | None = None) -> Encoders:
+    """Encoders of a CLIP module + params or of an `xmr_jax.export.Servable` (params are an
+    argument of the jitted functions)."""
+    from xmr_jax.export import as_servable
     from xmr_jax.models.vit import as_hw
 
-    img_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+    served = as_servable(model, params)
+    model, params = served.model, served.params
+    img_fn = jax.jit(lambda p, *xs: model.apply({"params": p}, *xs, method="encode_image"))
     txt_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_text"))
     fields = {}
     if hasattr(model, "fields"):
         fields = {k: v for k, v in model.fields().items() if k not in ("dtype", "remat", "scan_layers")}
-        fields["image_size"] = list(as_hw(fields["image_size"]))
-    image_size = as_hw(model.image_size)
-    desc = {"kind": type(model).__name__, "source": source, "fields": fields,
-            "embed_dim": int(model.embed_dim), "image_size": list(image_size),
+        if "image_size" in fields:
+            fields["image_size"] = list(as_hw(fields["image_size"]))
+    desc = {"kind": type(model).__name__, "source": source, "family": served.family or None, "fields": fields,
             "fingerprint": params_fingerprint(params)}
-    return Encoders(lambda x: _as_triple(img_fn(params, x)), lambda x: _as_triple(txt_fn(params, x)),
-                    image_size, int(getattr(model, "context_length", 77)), int(model.embed_dim), desc)
+    return _encoders(lambda *xs: img_fn(params, *xs), lambda x: txt_fn(params, x), served.inputs, served.text,
+                     model.embed_dim, desc)
 
 
 def exported_encoders(folder: str) -> Encoders:
     """Encoders from a `python -m xmr_jax.export --formats jax` folder (the `jax/` sub-folder)."""
-    from xmr_jax.export import META_FILE, load_exported_encoders
+    from xmr_jax.export import META_FILE, EncoderInput, exported_text_spec, load_exported_encoders
     from xmr_jax.logging_utils import as_path, path_str
 
     if (as_path(folder) / "jax").is_dir() and not (as_path(folder) / META_FILE).is_file():
         folder = str(as_path(folder) / "jax")
     enc_img, enc_txt, meta = load_exported_encoders(folder)
-    fields = meta.get("model", {})
     try:
-        image_size = tuple(int(s) for s in meta["encode_image"]["inputs"]["images"]["shape"][1:3])
-        context = int(meta["encode_text"]["inputs"]["token_ids"]["shape"][1])
+        inputs = {m: tuple(EncoderInput(name, tuple(v["shape"]), v["dtype"])
+                           for name, v in meta[m]["inputs"].items()) for m in ("encode_image", "encode_text")}
         embed_dim = int(meta["encode_image"]["outputs"]["global"]["shape"][1])
+        text = exported_text_spec(folder, meta)
     except (KeyError, IndexError, TypeError, ValueError) as e:
-        raise SearchError(f"{folder}: jax_export.json lacks the encoder input/output shapes ({e})") from e
+        raise SearchError(f"{folder}: jax_export.json lacks the encoder input/output shapes or text scheme ({e})") from e
     digest = hashlib.blake2b((as_path(folder) / meta["encode_image"]["file"]).read_bytes(),
                              digest_size=12).hexdigest()
-    desc = {"kind": "jax.export", "source": path_str(folder), "fields": fields,
-            "embed_dim": embed_dim, "image_size": list(image_size), "fingerprint": "exported:" + digest}
-    img_fn, txt_fn = jax.jit(enc_img), jax.jit(enc_txt)
-    return Encoders(lambda x: _as_triple(img_fn(x)), lambda x: _as_triple(txt_fn(x)),
-                    image_size, context, embed_dim, desc)
+    desc = {"kind": "jax.export", "source": path_str(folder), "family": meta.get("family"),
+            "fields": meta.get("model", {}), "fingerprint": "exported:" + digest}
+    return _encoders(jax.jit(enc_img), jax.jit(enc_txt), inputs, text, embed_dim, desc)
 
 
 def as_encoders(model, params) -> Encoders:
@@ -108,9 +145,8 @@ def load_encoders(checkpoint: str | None = None, exported: str | None = None,
         raise SearchError("give exactly one of --checkpoint and --exported")
     if exported:
         return exported_encoders(exported)
-    from xmr_jax.export import load_for_export
+    from xmr_jax.export import load_servable
     from xmr_jax.logging_utils import path_str
 
-    model, params = load_for_export(checkpoint, config)
-    return model_encoders(model, params, source=path_str(checkpoint))
+    return model_encoders(load_servable(checkpoint, config), source=path_str(checkpoint))
 

@@ -110,18 +110,55 @@ class ImageIndex:
         return [self.paths[int(r)] for r in np.asarray(rows).reshape(-1)]
 
 
-def _encode_stream(enc: Encoders, full: Sequence[str], positions: Sequence[int], *, batch_size: int,
+@dataclasses.dataclass(frozen=True)
+class Gallery:
+    """What an index encodes, item by item.
+
+    names: one name per item, stored in the index and printed in results (relative image paths;
+      the image ids of region features); root: the folder recorded as the index's image_root;
+    load(i) -> item i's encoder inputs without the batch dim, in `Encoders.image_inputs` order
+      (images: float32 [H, W, 3]; regions: float32 [N, R], boxes float32 [N, 4]); raises
+      SearchError naming the file when it cannot be read."""
+
+    names: list[str]
+    root: str
+    load: Callable[[int], tuple[np.ndarray, ...]]
+
+
+def image_gallery(enc: Encoders, image_paths: Sequence[str], image_root: Optional[str]) -> Gallery:
+    """The images `image_paths` (relative to `image_root`, or absolute / cwd-relative when it is
+    None) through the test transform at the model's (H, W)."""
+    if enc.image_size is None:
+        names = ", ".join(i.name for i in enc.image_inputs)
+        raise SearchError(f"--images: the model takes {names}, not images; index region features with "
+                          "--features (TERAN's layout)")
+    full = _full_paths(image_paths, image_root)
+    size = tuple(enc.image_size)
+    return Gallery(list(image_paths), os.path.abspath(image_root) if image_root else "",
+                   lambda i: (load_image(full[i], size),))
+
+
+def _stack(items: list[tuple[np.ndarray, ...]], batch_size: int) -> list[np.ndarray]:
+    """m items of k arrays -> k batches [batch_size, ...], rows m.. zero (one compiled shape)."""
+    batches = []
+    for j, first in enumerate(items[0]):
+        batch = np.zeros((batch_size, *np.shape(first)), np.float32)
+        batch[:len(items)] = np.stack([item[j] for item in items])
+        batches.append(batch)
+    return batches
+
+
+def _encode_stream(enc: Encoders, gallery: Gallery, positions: Sequence[int], *, batch_size: int,
                    with_tokens: bool, skip_bad_images: bool, num_workers: Optional[int]):
-    """Encodes the images full[i] for i in positions, batch by batch. Yields (decoded positions,
-    undecodable positions, global f32 [m, D], tokens f16 [m, L, D] | None, mask [m, L] | None)."""
+    """Encodes the items `positions` of the gallery, batch by batch. Yields (loaded positions,
+    unreadable positions, global f32 [m, D], tokens f16 [m, L, D] | None, mask [m, L] | None)."""
     if batch_size < 1:
         raise SearchError(f"batch_size must be >= 1, got {batch_size}")
-    h, w = enc.image_size
     workers = num_workers or min(8, os.cpu_count() or 1)
 
-    def decode(path):
+    def load(i):
         try:
-            return load_image(path, (h, w))
+            return gallery.load(i)
         except SearchError:
             if not skip_bad_images:
                 raise
@@ -131,15 +168,13 @@ def _encode_stream(enc: Encoders, full: Sequence[str], positions: Sequence[int],
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for b0 in range(0, len(positions), batch_size):
             chunk = positions[b0:b0 + batch_size]
-            images = list(pool.map(decode, [full[i] for i in chunk]))
-            good = [i for i, im in zip(chunk, images) if im is not None]
-            bad = [i for i, im in zip(chunk, images) if im is None]
+            items = list(pool.map(load, chunk))
+            good = [i for i, item in zip(chunk, items) if item is not None]
+            bad = [i for i, item in zip(chunk, items) if item is None]
             if not good:
                 yield [], bad, None, None, None
                 continue
-            batch = np.zeros((batch_size, h, w, 3), np.float32)
-            batch[:len(good)] = np.stack([im for im in images if im is not None])
-            g, t, m = enc.encode_image(batch)
+            g, t, m = enc.encode_image(*_stack([item for item in items if item is not None], batch_size))
             m_good = len(good)
             toks = mask = None
             if with_tokens:
@@ -155,18 +190,18 @@ def _full_paths(image_paths: Sequence[str], image_root: Optional[str]) -> list[s
     return [os.path.join(image_root, p) if image_root else p for p in image_paths]
 
 
-def _encode_range(enc, full, image_paths, indices, on_batch, **stream_kwargs):
-    """Encodes the images `indices` of `full` (`_encode_stream` with `stream_kwargs`); returns
-    (global batches, token batches, mask batches, kept paths, skipped paths) over the decodable
-    images. on_batch(good, bad), if given, sees the image indices of every batch."""
+def _encode_range(enc, gallery: Gallery, indices, on_batch, **stream_kwargs):
+    """Encodes the items `indices` of `gallery` (`_encode_stream` with `stream_kwargs`); returns
+    (global batches, token batches, mask batches, kept names, skipped names) over the readable
+    items. on_batch(good, bad), if given, sees the item indices of every batch."""
     globs, toks, masks, kept, skipped = [], [], [], [], []
-    for good, bad, g, t, m in _encode_stream(enc, full, indices, **stream_kwargs):
-        skipped += [image_paths[i] for i in bad]
+    for good, bad, g, t, m in _encode_stream(enc, gallery, indices, **stream_kwargs):
+        skipped += [gallery.names[i] for i in bad]
         if good:
             globs.append(g)
             toks.append(t)
             masks.append(m)
-            kept += [image_paths[i] for i in good]
+            kept += [gallery.names[i] for i in good]
         if on_batch is not None:
             on_batch(good, bad)
     return globs, toks, masks, kept, skipped
@@ -190,8 +225,8 @@ def build_index(model, params, image_paths: Sequence[str], image_root: str | Non
     enc = as_encoders(model, params)
     if not image_paths:
         raise SearchError("build_index: no image paths given")
-    full = _full_paths(image_paths, image_root)
-    n = len(full)
+    gallery = image_gallery(enc, image_paths, image_root)
+    n = len(gallery.names)
     start = time.time()
 
     def report(good, bad):
@@ -201,12 +236,11 @@ def build_index(model, params, image_paths: Sequence[str], image_root: str | Non
             log(f"[index] {done}/{n} images ({rate:.1f} img/s, ETA {(n - done) / rate:.0f} s)")
 
     globs, toks, masks, kept, skipped = _encode_range(
-        enc, full, image_paths, range(n), report, batch_size=batch_size, with_tokens=with_tokens,
+        enc, gallery, range(n), report, batch_size=batch_size, with_tokens=with_tokens,
         skip_bad_images=skip_bad_images, num_workers=num_workers)
     if not kept:
         raise SearchError(f"none of the {n} images could be decoded (first: {image_paths[0]!r})")
-    meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
-            "image_root": os.path.abspath(image_root) if image_root else "",
+    meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "image_root": gallery.root,
             "model": enc.description, "num_images": len(kept), "with_tokens": bool(with_tokens),
             "skipped": skipped, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return ImageIndex(np.concatenate(globs), np.concatenate(toks) if with_tokens else None,
@@ -217,39 +251,50 @@ def write_index(model, params, image_paths: Sequence[str], image_root: str | Non
                 chunk_size: int = 4096, batch_size: int = 64, with_tokens: bool = True,
                 skip_bad_images: bool = False, num_workers: int | None = None,
                 progress: bool = True, log: Callable[[str], None] | None = None) -> IndexStore:
-    """Encodes images into an index folder (format 2, `xmr_jax.search.store`), chunk by chunk.
+    """Encodes images into an index folder (format 2, `xmr_jax.search.store`), chunk by chunk:
+    `write_gallery` of `image_gallery(enc, image_paths, image_root)`; arguments as there."""
+    enc = as_encoders(model, params)
+    if not image_paths:
+        raise SearchError("write_index: no image paths given")
+    return write_gallery(enc, image_gallery(enc, image_paths, image_root), path, chunk_size=chunk_size,
+                         batch_size=batch_size, with_tokens=with_tokens, skip_bad_images=skip_bad_images,
+                         num_workers=num_workers, progress=progress, log=log)
+
+
+def write_gallery(enc: Encoders, gallery: Gallery, path: str, *, chunk_size: int = 4096, batch_size: int = 64,
+                  with_tokens: bool = True, skip_bad_images: bool = False, num_workers: int | None = None,
+                  progress: bool = True, log: Callable[[str], None] | None = None) -> IndexStore:
+    """Encodes a Gallery (`image_gallery`, `xmr_jax.search.regions.region_gallery`) into an index
+    folder (format 2, `xmr_jax.search.store`), chunk by chunk.
 
     Only one chunk of features is held in memory. Resumable: when `path` holds a partial index
-    built with the same images, chunk size, model and options, only the chunks without a DONE
+    built with the same items, chunk size, model and options, only the chunks without a DONE
     marker are encoded (an interrupted chunk is redone). Arguments as `build_index`, plus
-    chunk_size (images per chunk) and progress (a tqdm bar on stderr). Returns the opened
+    chunk_size (items per chunk) and progress (a tqdm bar on stderr). Returns the opened
     IndexStore.
     """
     from xmr_jax.logging_utils import path_str
 
-    enc = as_encoders(model, params)
-    if not image_paths:
-        raise SearchError("write_index: no image paths given")
     if batch_size < 1:
         raise SearchError(f"batch_size must be >= 1, got {batch_size}")
-    writer = IndexWriter(path, list(image_paths), chunk_size, enc.embed_dim, with_tokens,
-                         enc.description, os.path.abspath(image_root) if image_root else "")
-    full = _full_paths(image_paths, image_root)
+    writer = IndexWriter(path, gallery.names, chunk_size, enc.embed_dim, with_tokens, enc.description,
+                         gallery.root)
     pending = writer.pending()
     todo = sum(len(writer.chunk_range(c)) for c in pending)
     if log is not None and len(pending) < writer.num_chunks:
         log(f"[index] resuming {path_str(path)}: {writer.num_chunks - len(pending)} of "
             f"{writer.num_chunks} chunks already written, {todo} images left")
     bar = None
+    total = len(gallery.names)
     if progress and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(full), initial=len(full) - todo, unit="img", desc="[index]",
+        bar = tqdm(total=total, initial=total - todo, unit="img", desc="[index]",
                    file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     try:
         for c in pending:
             globs, toks, masks, kept, skipped = _encode_range(
-                enc, full, image_paths, writer.chunk_range(c),
+                enc, gallery, writer.chunk_range(c),
                 (lambda good, bad: bar.update(len(good) + len(bad))) if bar is not None else None,
                 batch_size=batch_size, with_tokens=with_tokens, skip_bad_images=skip_bad_images,
                 num_workers=num_workers)
@@ -340,8 +385,11 @@ def check_compatible(index, enc: Encoders, allow_other_weights: bool = False) ->
     built = index.meta.get("model", {})
     mine = enc.description
     src = f"index built from {built.get('source')!r}, querying with {mine.get('source')!r}"
-    for key in ("embed_dim", "image_size"):
-        if list(np.atleast_1d(built.get(key))) != list(np.atleast_1d(mine.get(key))):
+    for key in ("embed_dim", "image_size", "inputs"):
+        if key == "inputs" and not (built.get(key) and mine.get(key)):
+            continue  # indexes written before the inputs were recorded: image_size says it
+        if key == "inputs" and built[key] != mine[key] or \
+                key != "inputs" and list(np.atleast_1d(built.get(key))) != list(np.atleast_1d(mine.get(key))):
             raise IndexMismatchError(
                 f"the index was made with a different model: {key} {built.get(key)} (index) vs "
                 f"{mine.get(key)} (query model); {src}. Rebuild the index with this model.")

@@ -1,7 +1,7 @@
 """Text queries against an index: tokenize, encode, rank (global cosine or two-stage).
 
-Captions are tokenized with IRRA's mask-variant CLIP tokenizer (context length from the model),
-encoded, and searched: two-stage (global top `rerank_k`, reranked by s_g + s_l, TGDT's rule) when
+Captions are tokenized with the model's text scheme (CLIP: IRRA's mask-variant CLIP tokenizer;
+tgdt_regions: BERT WordPiece from the config's vocab; context length from the model), encoded, and searched: two-stage (global top `rerank_k`, reranked by s_g + s_l, TGDT's rule) when
 the index holds tokens, else global cosine. An index folder is scanned chunk by chunk for the
 global top candidates (exact, or jax.lax.approx_max_k), and only the candidates' tokens are read
 for the rerank, done by `xmr_jax.retrieval.topk_search` on them; a .npz index is searched whole
@@ -38,12 +38,14 @@ class SearchResult:
     cosine: Optional[np.ndarray] = None
 
 
-def query_token_counts(texts: Sequence[str], context_length: int) -> list[tuple[int, int]]:
-    """(word tokens of the caption, word tokens kept: at most context_length - 2) per query."""
-    from xmr_jax.tokenizer import default_tokenizer
+def query_token_counts(texts: Sequence[str], context_length: int, tokenizer=None) -> list[tuple[int, int]]:
+    """(word tokens of the caption, word tokens kept: at most context_length - 2) per query;
+    tokenizer: `Encoders.tokenizer()` (default IRRA's mask-variant CLIP BPE)."""
+    if tokenizer is None:
+        from xmr_jax.tokenizer import default_tokenizer
 
-    tok = default_tokenizer(mask_token=True, context_length=context_length)
-    counts = [len(tok.bpe_ids(t)) for t in texts]
+        tokenizer = default_tokenizer(mask_token=True, context_length=context_length)
+    counts = [tokenizer.num_tokens(t) for t in texts]
     return [(n, min(n, context_length - 2)) for n in counts]
 
 
@@ -56,10 +58,9 @@ def check_queries(texts: Sequence[str]) -> None:
 
 
 def encode_texts(enc: Encoders, texts: Sequence[str], batch_size: int = 64):
-    """Tokenizes (IRRA mask variant) and encodes -> (global f32 [Q,D], tokens f32 [Q,T,D], mask [Q,T])."""
-    from xmr_jax.tokenizer import default_tokenizer
-
-    ids = default_tokenizer(mask_token=True, context_length=enc.context_length).encode(list(texts))
+    """Tokenizes with the encoders' text scheme (CLIP: IRRA's mask-variant BPE; tgdt_regions: BERT
+    WordPiece) and encodes -> (global f32 [Q,D], tokens f32 [Q,T,D], mask [Q,T])."""
+    ids = enc.tokenizer().encode(list(texts))
     bs = min(batch_size, 1 << max(0, (len(texts) - 1).bit_length()))  # few compiled shapes
     outs = []
     for b0 in range(0, len(ids), bs):
