@@ -161,6 +161,9 @@ class SplitIndex:
         return self.image_pids[self.caption_image]
 
 
+_READ_BATCH = 1024  # records per tf.data batch when reading captions
+
+
 @functools.lru_cache(maxsize=16)
 def _split_captions(name: str, data_dir: str | None, split: str):
     """(image_pids int64 [I], caption_start int64 [I], caption_count int64 [I], caption_image int64
@@ -171,13 +174,15 @@ def _split_captions(name: str, data_dir: str | None, split: str):
                             decoders=_skip_image(builder))
     ds = ds.map(lambda ex: (ex["image_index"], _pid(ex), ex["captions"]))
     records = {}
-    for image_index, pid, captions in ds.as_numpy_iterator():
-        image_index = int(image_index)
-        if image_index in records:
-            raise DataError(f"{name!r} split {split!r}: image_index {image_index} occurs twice")
-        if len(captions) == 0:
-            raise DataError(f"{name!r} split {split!r}: image_index {image_index} has no captions")
-        records[image_index] = (int(pid), [c.decode("utf-8") for c in captions])
+    # Read in batches: one Python round trip per record costs ~1 ms (7 s for the demo's 7000 images).
+    for indices, pids, caption_rows in ds.ragged_batch(_READ_BATCH).as_numpy_iterator():
+        rows = caption_rows.to_list() if hasattr(caption_rows, "to_list") else list(caption_rows)
+        for image_index, pid, captions in zip(indices.tolist(), pids.tolist(), rows):
+            if image_index in records:
+                raise DataError(f"{name!r} split {split!r}: image_index {image_index} occurs twice")
+            if len(captions) == 0:
+                raise DataError(f"{name!r} split {split!r}: image_index {image_index} has no captions")
+            records[image_index] = (int(pid), [c.decode("utf-8") for c in captions])
     n = len(records)
     if sorted(records) != list(range(n)):
         raise DataError(f"{name!r} split {split!r}: image_index values must be 0..{n - 1}, got "
@@ -260,7 +265,8 @@ def _host_image_indices_cached(name: str, data_dir: str | None, split: str, proc
     builder = get_builder(name, data_dir)
     ds = builder.as_dataset(split=_host_split(split, process_index, process_count), shuffle_files=False,
                             decoders=_skip_image(builder))
-    return np.fromiter(ds.map(lambda ex: ex["image_index"]).as_numpy_iterator(), np.int64)
+    batches = ds.map(lambda ex: ex["image_index"]).batch(_READ_BATCH).as_numpy_iterator()
+    return np.concatenate([np.zeros([0], np.int64), *batches]).astype(np.int64)
 
 
 def host_image_indices(name: str, data_dir, split: str, process_index: int = 0,
