@@ -7,8 +7,8 @@ Init: the train state (parameters + optimizer state) is created directly in its 
 (`sharded_init`: one jit with out_shardings from `parallel.param_shardings`; the family's
 host-loaded pretrained weights are placed shard by shard), or restored into them on resume; no
 device holds a full copy.
-Start-up: the first batch (tf.data start, shuffle-buffer fill) and the step's compilation (lowered
-on the abstract state) run in a thread while the state is initialized or restored.
+Start-up: the first batch is pulled, then the step compiles on it (lowered on the abstract state) in
+a thread while the state is initialized or restored.
 Loop: dispatch `train_step` (compiled once) on batch s, then build and transfer batch s+1 while it
 runs -> metrics kept on device and fetched every `log_every` steps (the only host sync in the
 loop) -> orbax checkpoints every `ckpt_every_steps`.
@@ -319,9 +319,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
     # One step ahead: batch s+1 is pulled, assembled and sent to the devices right after step s
     # is dispatched, while step s runs. The source iterator is consumed exactly as far as the
     # steps that run (never past the last step, nor past a step where training stops).
-    first_step = (_first_step_in_background(step_fn, init.abstract,
-                                            lambda: parallel.prefetch_to_mesh(train_iter_fn(start_step), mesh, size=1))
-                  if start_step < total_steps else None)
+    # The first batch is pulled now (unless a stop came first) and the step compiles on it in a
+    # thread while the state is initialized or restored.
+    batches = parallel.prefetch_to_mesh(train_iter_fn(start_step), mesh, size=1)
+    batch = next(batches) if start_step < total_steps and not checkpoints.stop_requested() else None
+    compiled_step = _compile_in_background(step_fn, init.abstract, batch) if batch is not None else None
     if start_step:  # read straight into the target shardings; nothing is initialized first
         state = ckpt.restore(init.abstract, step=start_step)
         print(f"Resumed from {ckpt.directory} at step {start_step}.", flush=True)
@@ -350,9 +352,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
         if start_step < total_steps and poller.first():
             print(f"Stopped by signal before step {start_step + 1}; nothing new to save.", flush=True)
             return TrainResult(state, model, mesh, stopped=True)
-        if first_step is not None:
-            batches, batch, step_fn = first_step.result()
-            batch = next(batches) if batch is None else batch
+        if compiled_step is not None:
+            step_fn = compiled_step.result()
+        elif start_step < total_steps:
+            batch = next(batches)
         for step in range(start_step + 1, total_steps + 1):
             if profile and step == profile[0]:
                 jax.profiler.start_trace(config.get("profile_dir") or logging_utils.join(workdir, "profile"))
@@ -401,27 +404,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_iter_fn: Callab
     return TrainResult(state, model, mesh, stopped=False)
 
 
-def _first_step_in_background(step_fn, abstract_state, make_batches: Callable[[], Iterator]
-                              ) -> concurrent.futures.Future:
-    """Future of (batches, first batch, compiled step_fn), made in a thread.
+def _compile_in_background(step_fn, abstract_state, batch) -> concurrent.futures.Future:
+    """Future of `step_fn` compiled for (abstract_state, batch), compiled in a thread.
 
-    What the first step waits for besides the state, started before the state is initialized or
-    restored so that the three overlap: the input pipeline's start (tf.data tracing, shuffle-buffer
-    fill) and first batch, then the step's XLA compilation, lowered on the abstract state (shapes
-    and shardings only). When a stop was already requested it pulls no batch (batch None) and
-    leaves step_fn uncompiled. Errors of either part are raised by `.result()`.
+    Lowered on the abstract state (shapes and shardings only), so the compile overlaps the state's
+    init or restore, which compiles and runs its own program. (The input pipeline stays on the
+    calling thread: a tf.data iterator created in another thread took 30-50 s to delete at the
+    end of training.) Compile errors are raised by `.result()`.
     """
-
-    def prepare():
-        batches = make_batches()
-        if checkpoints.stop_requested():  # a signal came first: pull nothing the run will not use
-            return batches, None, step_fn
-        batch = next(batches)
-        return batches, batch, step_fn.lower(abstract_state, batch).compile()
-
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xmr-first-step")
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xmr-compile")
     try:
-        return pool.submit(prepare)
+        return pool.submit(lambda: step_fn.lower(abstract_state, batch).compile())
     finally:
         pool.shutdown(wait=False)
 
